@@ -1,0 +1,22 @@
+"""ktnuma: stage MoE expert weights into node-local shared memory.
+
+Importing the package is cheap: nothing heavy is imported until used.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["attach", "stream", "__version__"]
+
+
+def __getattr__(name: str) -> Any:  # lazy engine-side entry points
+    if name == "attach":
+        from .attach import attach
+
+        return attach
+    if name == "stream":
+        from .stream import stream
+
+        return stream
+    raise AttributeError(name)

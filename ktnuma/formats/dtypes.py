@@ -1,0 +1,131 @@
+"""One table per concept: element dtypes, GGML block types, staging conversions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str  # canonical, lower case; also the manifest's `dtype`
+    itemsize: int
+    safetensors: str | None  # name in a safetensors header
+    numpy: str | None  # numpy dtype string where numpy has one
+
+
+# Every safetensors dtype, plus the names ktnuma stages.
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        DType("bool", 1, "BOOL", "bool"),
+        DType("u8", 1, "U8", "u1"),
+        DType("i8", 1, "I8", "i1"),
+        DType("f8_e4m3", 1, "F8_E4M3", None),
+        DType("f8_e5m2", 1, "F8_E5M2", None),
+        DType("f8_e8m0", 1, "F8_E8M0", None),
+        DType("i16", 2, "I16", "<i2"),
+        DType("u16", 2, "U16", "<u2"),
+        DType("f16", 2, "F16", "<f2"),
+        DType("bf16", 2, "BF16", None),
+        DType("i32", 4, "I32", "<i4"),
+        DType("u32", 4, "U32", "<u4"),
+        DType("f32", 4, "F32", "<f4"),
+        DType("i64", 8, "I64", "<i8"),
+        DType("u64", 8, "U64", "<u8"),
+        DType("f64", 8, "F64", "<f8"),
+    )
+}
+SAFETENSORS_DTYPES: dict[str, DType] = {d.safetensors: d for d in DTYPES.values() if d.safetensors}
+
+# Sub-byte safetensors dtypes (F4, F6_*) are packed; ktnuma does not stage them and the
+# reader refuses them as unknown rather than guessing a size.
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    name: str
+    id: int
+    block: int  # weights per block
+    type_size: int  # bytes per block
+
+
+GGML_TYPES: dict[str, GGMLType] = {
+    t.name: t
+    for t in (
+        GGMLType("F32", 0, 1, 4),
+        GGMLType("F16", 1, 1, 2),
+        GGMLType("Q4_0", 2, 32, 18),
+        GGMLType("Q4_1", 3, 32, 20),
+        GGMLType("Q5_0", 6, 32, 22),
+        GGMLType("Q5_1", 7, 32, 24),
+        GGMLType("Q8_0", 8, 32, 34),
+        GGMLType("Q8_1", 9, 32, 40),
+        GGMLType("Q2_K", 10, 256, 84),
+        GGMLType("Q3_K", 11, 256, 110),
+        GGMLType("Q4_K", 12, 256, 144),
+        GGMLType("Q5_K", 13, 256, 176),
+        GGMLType("Q6_K", 14, 256, 210),
+        GGMLType("Q8_K", 15, 256, 292),
+        GGMLType("IQ2_XXS", 16, 256, 66),
+        GGMLType("IQ2_XS", 17, 256, 74),
+        GGMLType("IQ3_XXS", 18, 256, 98),
+        GGMLType("IQ1_S", 19, 256, 50),
+        GGMLType("IQ4_NL", 20, 32, 18),
+        GGMLType("IQ3_S", 21, 256, 110),
+        GGMLType("IQ2_S", 22, 256, 82),
+        GGMLType("IQ4_XS", 23, 256, 136),
+        GGMLType("I8", 24, 1, 1),
+        GGMLType("I16", 25, 1, 2),
+        GGMLType("I32", 26, 1, 4),
+        GGMLType("I64", 27, 1, 8),
+        GGMLType("F64", 28, 1, 8),
+        GGMLType("IQ1_M", 29, 256, 56),
+        GGMLType("BF16", 30, 1, 2),
+    )
+}
+GGML_BY_ID: dict[int, GGMLType] = {t.id: t for t in GGML_TYPES.values()}
+
+
+def gguf_dtype(t: GGMLType) -> str:
+    return f"gguf:{t.name}"
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per stored element for non-GGUF dtypes."""
+    return DTYPES[dtype].itemsize
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """A byte transform applied while staging: n source elements -> n staged elements."""
+
+    name: str
+    src: str
+    dst: str
+
+    @property
+    def ratio(self) -> int:
+        """Staged bytes per source byte (integer for every entry)."""
+        return DTYPES[self.dst].itemsize // DTYPES[self.src].itemsize
+
+
+CONVERSIONS: dict[str, Conversion] = {
+    c.name: c
+    for c in (
+        Conversion("ue8m0->bf16", "u8", "bf16"),  # mxfp4 scales: bf16 bits = u8 << 7
+        Conversion("f16->f32", "f16", "f32"),  # GPTQ scales
+    )
+}
+
+
+def convert(name: str, src: memoryview | bytes, dst: memoryview) -> None:
+    """Apply conversion `name` from `src` bytes into `dst` (len(dst) == len(src) * ratio)."""
+    import numpy as np  # only where used
+
+    if name == "ue8m0->bf16":
+        out = np.frombuffer(dst, dtype="<u2")
+        np.left_shift(np.frombuffer(src, dtype="u1"), 7, out=out, dtype="<u2", casting="unsafe")
+    elif name == "f16->f32":
+        out = np.frombuffer(dst, dtype="<f4")
+        out[...] = np.frombuffer(src, dtype="<f2")
+    else:  # pragma: no cover - table and function are kept in step by tests
+        raise KeyError(name)
