@@ -1,0 +1,168 @@
+"""Segments: POSIX shared memory (default) or files under a tmpfs directory (`--shm-dir`).
+
+One segment per (layer, node), named ``ktnuma.<run_id>.L<layer>.n<node>`` (no slash; ``shm_open``
+gets ``/`` + name). Always created exclusively (``O_CREX`` / ``O_CREAT|O_EXCL``) with mode 0600:
+``posix_ipc.SharedMemory`` with ``O_CREAT`` alone silently resizes an existing segment. Never
+``multiprocessing.shared_memory`` (it unlinks segments when an attaching process exits).
+
+Creation returns a file descriptor of size 0: the caller maps it, mbinds the mapping, and only
+then ``posix_fallocate``s it (the order that places pages on the bound node).
+Imports nothing heavy: the worker uses this module.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import re
+import secrets
+
+log = logging.getLogger(__name__)
+
+PREFIX = "ktnuma."
+DEFAULT_SHM_DIR = "/dev/shm"
+MODE = 0o600
+NAME_RE = re.compile(r"^ktnuma\.([0-9a-f]+)\.L(\d+)\.n(\d+)$")
+
+
+def new_run_id() -> str:
+    """An unguessable run id (16 hex digits)."""
+    return secrets.token_hex(8)
+
+
+def segment_name(run_id: str, layer: int, node: int) -> str:
+    return f"{PREFIX}{run_id}.L{layer}.n{node}"
+
+
+def parse_name(name: str) -> tuple[str, int, int] | None:
+    """``ktnuma.<run_id>.L<layer>.n<node>`` -> (run_id, layer, node); None for other names."""
+    m = NAME_RE.match(name)
+    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def run_prefix(run_id: str) -> str:
+    return f"{PREFIX}{run_id}."
+
+
+def is_posix(shm_dir: str | None) -> bool:
+    """True when segments go through shm_open (the default /dev/shm)."""
+    return shm_dir is None or os.path.realpath(shm_dir) == os.path.realpath(DEFAULT_SHM_DIR)
+
+
+def norm_dir(shm_dir: str | None) -> str:
+    return DEFAULT_SHM_DIR if shm_dir is None else os.path.abspath(shm_dir)
+
+
+def segment_path(name: str, shm_dir: str | None = None) -> str:
+    """Filesystem path of a segment (for /dev/shm: where Linux keeps POSIX shm objects)."""
+    _check_name(name)
+    return os.path.join(norm_dir(shm_dir), name)
+
+
+def _check_name(name: str) -> None:
+    if "/" in name or not name.startswith(PREFIX) or name in (".", ".."):
+        raise ValueError(f"bad segment name {name!r}")
+
+
+def create(name: str, shm_dir: str | None = None) -> int:
+    """Create segment ``name`` exclusively (mode 0600, size 0); return an O_RDWR fd.
+
+    Raises FileExistsError if it exists (never resizes someone else's segment).
+    """
+    _check_name(name)
+    if is_posix(shm_dir):
+        import posix_ipc
+
+        try:
+            shm = posix_ipc.SharedMemory("/" + name, flags=posix_ipc.O_CREX, mode=MODE, size=0)
+        except posix_ipc.ExistentialError as exc:
+            raise FileExistsError(errno.EEXIST, f"segment exists: {name}") from exc
+        fd = os.dup(shm.fd)
+        shm.close_fd()
+        return fd
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(os.path.join(norm_dir(shm_dir), name), flags, MODE)
+
+
+def open_segment(name: str, shm_dir: str | None = None, *, write: bool = False) -> int:
+    """Open an existing segment; returns an fd (O_RDONLY unless write)."""
+    _check_name(name)
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    if is_posix(shm_dir):
+        import posix_ipc
+
+        try:
+            shm = posix_ipc.SharedMemory("/" + name, flags=0, read_only=not write)
+        except posix_ipc.ExistentialError as exc:
+            raise FileNotFoundError(errno.ENOENT, f"no such segment: {name}") from exc
+        fd = os.dup(shm.fd)
+        shm.close_fd()
+        return fd
+    return os.open(os.path.join(norm_dir(shm_dir), name), flags)
+
+
+def unlink(name: str, shm_dir: str | None = None) -> bool:
+    """Remove a segment; True if it existed. Never raises for a missing segment."""
+    _check_name(name)
+    if is_posix(shm_dir):
+        import posix_ipc
+
+        try:
+            posix_ipc.unlink_shared_memory("/" + name)
+            return True
+        except posix_ipc.ExistentialError:
+            return False
+    try:
+        os.unlink(os.path.join(norm_dir(shm_dir), name))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def map_fd(fd: int, size: int, *, write: bool = True) -> mmap.mmap:
+    """MAP_SHARED mapping of ``size`` bytes of ``fd`` (the file may still be empty)."""
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
+
+
+def list_segments(shm_dir: str | None = None, *, uid: int | None = None) -> list[str]:
+    """Names of ``ktnuma.*`` segments in ``shm_dir`` (default /dev/shm), optionally of one owner."""
+    d = norm_dir(shm_dir)
+    out = []
+    try:
+        entries = os.scandir(d)
+    except FileNotFoundError:
+        return []
+    with entries:
+        for e in entries:
+            if not e.name.startswith(PREFIX):
+                continue
+            if uid is not None:
+                try:
+                    if e.stat(follow_symlinks=False).st_uid != uid:
+                        continue
+                except FileNotFoundError:
+                    continue
+            out.append(e.name)
+    return sorted(out)
+
+
+def run_segments(run_id: str, shm_dir: str | None = None) -> list[str]:
+    """Every existing segment of run ``run_id``."""
+    p = run_prefix(run_id)
+    return [n for n in list_segments(shm_dir) if n.startswith(p)]
+
+
+def unlink_run(run_id: str, shm_dir: str | None = None) -> list[str]:
+    """Unlink every segment of ``run_id``; returns the names removed."""
+    removed = [n for n in run_segments(run_id, shm_dir) if unlink(n, shm_dir)]
+    if removed:
+        log.debug("unlinked %d segment(s) of run %s", len(removed), run_id)
+    return removed
+
+
+def free_bytes(shm_dir: str | None = None) -> int:
+    """Free space of the filesystem holding the segments (os.statvfs)."""
+    st = os.statvfs(norm_dir(shm_dir))
+    return st.f_bavail * st.f_frsize

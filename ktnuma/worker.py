@@ -1,0 +1,351 @@
+"""One staging worker per node: ``python -m ktnuma.worker --node N --real-node R --cpus 0,1``.
+
+Started by the coordinator with pipes: stdin carries JSON-line jobs, stdout JSON-line results.
+Imports only the standard library, ktnuma.numa / shm / formats.dtypes (numpy lazily, for strided
+gathers and conversions); never torch, gguf or safetensors.
+
+Protocol (one JSON object per line):
+  in : {"op": "init", "files": [path, ...], "shm_dir": str|null}
+       {"op": "job", "name": seg, "layer": L, "node": n, "size": bytes, "attempt": k,
+        "arrays": [ArrayPlan fields as a dict, ...]}
+  out: {"op": "ready", "pid": pid, "cpus": [...]}
+       {"op": "done", "name", "layer", "node", "size", "bytes", "seconds", "placement"}
+       {"op": "error", "name", "layer", "node", "kind": "nospace"|"input"|"exists"|"os", "message"}
+
+Per job: create the segment O_CREX 0600, mmap it, mbind it to the backing real node,
+posix_fallocate it, then read: ``os.preadv`` straight into the mapping for contiguous runs
+(adjacent pieces coalesced, split in chunks for a small thread pool, looping on short reads), a
+per-thread reusable bounce buffer for strided gathers and conversions. Placement is read back with
+move_pages, the mapping is closed (no file mapping survives a job). If stdin reaches EOF (the
+coordinator died) the worker removes its unfinished segment and exits; finished segments belong
+to the coordinator.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from . import numa, shm
+
+log = logging.getLogger("ktnuma.worker")
+
+CHUNK = 8 << 20  # bytes per contiguous preadv task
+BOUNCE_MAX = 64 << 20  # bytes of source span gathered per bounce-buffer fill
+FAULT_ENV = "KTNUMA_WORKER_FAULT"  # tests: "L:n:k" -> die mid-job on (layer L, node n) while attempt < k
+
+
+class ParentGone(Exception):
+    """stdin closed or a termination signal arrived: abandon the job."""
+
+
+class InputError(Exception):
+    """The source file is shorter than the plan says (truncated / changed since indexing)."""
+
+
+def read_full(fd: int, dst: memoryview, offset: int, path: str) -> None:
+    """preadv until ``dst`` is full; EOF before that is an InputError."""
+    while len(dst):
+        n = os.preadv(fd, [dst], offset)
+        if n <= 0:
+            raise InputError(f"{path}: unexpected end of file at byte {offset} "
+                             f"({len(dst)} bytes still expected); was the file changed?")
+        dst = dst[n:]
+        offset += n
+
+
+class Worker:
+    def __init__(self, node: int, real_node: int, cpus: list[int], threads: int) -> None:
+        self.node = node
+        self.real_node = real_node
+        self.cpus = cpus
+        self.files: list[str] = []
+        self.fds: dict[int, int] = {}
+        self.shm_dir: str | None = None
+        self.gone = threading.Event()
+        self.inbox: queue.Queue = queue.Queue()
+        self.local = threading.local()
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads)) if threads > 1 else None
+        self.unfinished: list[str] = []  # segments created by the current job
+        fault = os.environ.get(FAULT_ENV, "")
+        self.fault = tuple(int(x) for x in fault.split(":")) if fault else None
+
+    # ------------------------------------------------------------------ io helpers
+    def fd(self, i: int) -> int:
+        fd = self.fds.get(i)
+        if fd is None:
+            fd = self.fds[i] = os.open(self.files[i], os.O_RDONLY | os.O_CLOEXEC)
+        return fd
+
+    def bounce(self, n: int) -> memoryview:
+        buf = getattr(self.local, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = self.local.buf = bytearray(max(n, 1 << 20))
+        return memoryview(buf)[:n]
+
+    def check(self) -> None:
+        if self.gone.is_set():
+            raise ParentGone()
+
+    # ------------------------------------------------------------------ operations
+    def op_copy(self, view: memoryview, fi: int, off: int, dest: int, length: int) -> None:
+        self.check()
+        dst = view[dest:dest + length]
+        try:
+            read_full(self.fd(fi), dst, off, self.files[fi])
+        finally:
+            dst.release()
+
+    def op_gather(self, view: memoryview, fi: int, off: int, dest: int, rows: int, run: int,
+                  src_stride: int, conversion: str | None, ratio: int) -> None:
+        """Rows of ``run`` bytes ``src_stride`` apart (then converted) -> contiguous at dest."""
+        import numpy as np
+        from numpy.lib.stride_tricks import as_strided
+
+        fd, path = self.fd(fi), self.files[fi]
+        per = max(1, BOUNCE_MAX // max(src_stride, 1)) if rows > 1 else 1
+        out_run = run * ratio
+        r = 0
+        while r < rows:
+            self.check()
+            n = min(per, rows - r)
+            span = (n - 1) * src_stride + run
+            contiguous = n == 1 or run == src_stride
+            src = self.bounce(span + (0 if contiguous or conversion is None else n * run))
+            read_full(fd, src[:span], off + r * src_stride, path)
+            dst = view[dest + r * out_run:dest + (r + n) * out_run]
+            try:
+                if contiguous:
+                    packed = src[:span]
+                else:
+                    a = as_strided(np.frombuffer(src, np.uint8, count=span), shape=(n, run),
+                                   strides=(src_stride, 1))
+                    if conversion is None:
+                        np.copyto(np.frombuffer(dst, np.uint8).reshape(n, run), a)
+                        packed = None
+                    else:
+                        packed = src[span:span + n * run]
+                        np.copyto(np.frombuffer(packed, np.uint8).reshape(n, run), a)
+                    del a
+                if packed is not None:
+                    if conversion is None:
+                        dst[:] = packed
+                    else:
+                        from .formats.dtypes import convert
+
+                        convert(conversion, packed, dst)
+                    packed = None
+            finally:
+                dst.release()
+            r += n
+
+    def plan_ops(self, arrays: list[dict]) -> list[tuple]:
+        """ArrayPlans -> coalesced contiguous copies (chunked) and gathers."""
+        from .formats.dtypes import CONVERSIONS
+
+        ops: list[tuple] = []
+        cur: list | None = None  # [fi, off, dest, length] being coalesced
+        for a in arrays:
+            rows, run, sstride, conv = a["rows"], a["run"], a["src_stride"], a.get("conversion")
+            contiguous = rows == 1 or run == sstride
+            for k in range(a["count"]):
+                fi, off, dest = a["files"][k], a["src_offsets"][k], a["offset"] + k * a["stride"]
+                if contiguous and conv is None:
+                    length = rows * run
+                    if cur and cur[0] == fi and cur[1] + cur[3] == off and cur[2] + cur[3] == dest:
+                        cur[3] += length
+                    else:
+                        if cur:
+                            ops.append(("copy", *cur))
+                        cur = [fi, off, dest, length]
+                else:
+                    ratio = CONVERSIONS[conv].ratio if conv else 1
+                    ops.append(("gather", fi, off, dest, rows, run, sstride, conv, ratio))
+        if cur:
+            ops.append(("copy", *cur))
+        out: list[tuple] = []
+        for op in ops:  # split big copies so the pool overlaps them
+            if op[0] == "copy" and op[4] > CHUNK:
+                _, fi, off, dest, length = op
+                for s in range(0, length, CHUNK):
+                    out.append(("copy", fi, off + s, dest + s, min(CHUNK, length - s)))
+            else:
+                out.append(op)
+        return out
+
+    def run_ops(self, view: memoryview, ops: list[tuple], fault_at: int | None) -> None:
+        def one(i_op):
+            i, op = i_op
+            if fault_at is not None and i >= fault_at:
+                log.warning("fault injection: dying mid-job")
+                sys.stderr.flush()
+                os._exit(9)
+            kind, *args = op
+            (self.op_copy if kind == "copy" else self.op_gather)(view, *args)
+
+        items = list(enumerate(ops))
+        if self.pool is None or len(ops) < 2:
+            for it in items:
+                one(it)
+        else:
+            for _ in self.pool.map(one, items):
+                pass
+
+    # ------------------------------------------------------------------ one job
+    def job(self, msg: dict) -> dict:
+        name, size = msg["name"], msg["size"]
+        base = {"name": name, "layer": msg["layer"], "node": msg["node"]}
+        t0 = time.perf_counter()
+        fd = -1
+        mm = view = None
+        try:
+            fd = shm.create(name, self.shm_dir)
+            self.unfinished.append(name)
+            os.ftruncate(fd, size)  # sparse: no page is touched before mbind
+            mm = shm.map_fd(fd, size)
+            addr = numa.address_of(mm)
+            numa.mbind(addr, size, self.real_node)
+            os.posix_fallocate(fd, 0, size)
+            view = memoryview(mm)
+            ops = self.plan_ops(msg["arrays"])
+            fault_at = None
+            if self.fault and self.fault[:2] == (msg["layer"], msg["node"]) \
+                    and msg.get("attempt", 0) < self.fault[2]:
+                fault_at = len(ops) // 2
+            self.run_ops(view, ops, fault_at)
+            placement = numa.placement(addr, size)
+            view.release()
+            view = None
+            mm.close()
+            mm = None
+            seconds = time.perf_counter() - t0
+            nbytes = sum(a["count"] * a["stride"] for a in msg["arrays"])
+            self.unfinished.remove(name)
+            return {"op": "done", **base, "size": size, "bytes": nbytes, "seconds": seconds,
+                    "placement": placement}
+        except FileExistsError as exc:
+            return {"op": "error", **base, "kind": "exists", "message": str(exc)}
+        except OSError as exc:
+            kind = "nospace" if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG) else "os"
+            return {"op": "error", **base, "kind": kind,
+                    "message": f"segment {name} ({size} bytes): {exc.strerror or exc}"}
+        except InputError as exc:
+            return {"op": "error", **base, "kind": "input", "message": str(exc)}
+        except numa.NumaError as exc:
+            return {"op": "error", **base, "kind": "os", "message": str(exc)}
+        except ParentGone:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported, the coordinator decides
+            log.exception("job %s failed", name)
+            return {"op": "error", **base, "kind": "os", "message": f"{type(exc).__name__}: {exc}"}
+        finally:
+            if view is not None:
+                view.release()
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:  # pragma: no cover - a leaked view; the unlink below still runs
+                    pass
+            if fd >= 0:
+                os.close(fd)
+            self.drop_unfinished()
+
+    def drop_unfinished(self) -> None:
+        while self.unfinished:
+            shm.unlink(self.unfinished.pop(), self.shm_dir)
+
+    # ------------------------------------------------------------------ loop
+    def reader(self) -> None:
+        buf = b""
+        try:
+            while True:
+                chunk = os.read(0, 1 << 20)  # raw fd: no buffered-reader lock at shutdown
+                if not chunk:
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        self.inbox.put(json.loads(line))
+        except (OSError, ValueError):
+            pass
+        self.gone.set()
+        self.inbox.put(None)
+
+    def send(self, msg: dict) -> None:
+        out = sys.stdout.buffer
+        out.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+        out.flush()
+
+    def serve(self) -> int:
+        threading.Thread(target=self.reader, name="stdin", daemon=True).start()
+        self.send({"op": "ready", "pid": os.getpid(), "cpus": self.cpus})
+        while True:
+            msg = self.inbox.get()
+            if msg is None:
+                return 0
+            op = msg.get("op")
+            if op == "init":
+                self.files = list(msg["files"])
+                self.shm_dir = msg.get("shm_dir")
+            elif op == "job":
+                try:
+                    res = self.job(msg)
+                except ParentGone:
+                    log.debug("parent gone during %s: removed it", msg.get("name"))
+                    return 0
+                try:
+                    self.send(res)
+                except BrokenPipeError:
+                    return 0
+            elif op == "exit":
+                return 0
+
+
+def _on_term(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise ParentGone()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ktnuma.worker",
+                                description="ktnuma staging worker (started by the coordinator).")
+    p.add_argument("--node", type=int, required=True, help="topology node id")
+    p.add_argument("--real-node", type=int, required=True, help="real NUMA node backing it")
+    p.add_argument("--cpus", required=True, help="comma-separated CPUs to pin to")
+    p.add_argument("--threads", type=int, default=0, help="reader threads (default: one per CPU, max 8)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("KTNUMA_LOG", "WARNING").upper(), stream=sys.stderr,
+                        format=f"ktnuma worker n{args.node}: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGHUP, _on_term)
+    cpus = [int(c) for c in args.cpus.split(",") if c]
+    w = Worker(args.node, args.real_node, cpus, args.threads or min(len(cpus), 8))
+    try:
+        numa.pin_cpus(cpus)
+        numa.bind_process_memory(args.real_node)
+    except numa.NumaError as exc:
+        w.send({"op": "error", "name": None, "layer": None, "node": args.node, "kind": "os",
+                "message": str(exc)})
+        return 1
+    try:
+        return w.serve()
+    except ParentGone:
+        return 0
+    finally:
+        w.drop_unfinished()
+
+
+if __name__ == "__main__":
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)  # no interpreter shutdown with the stdin thread still blocked in read()
