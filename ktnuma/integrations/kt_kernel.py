@@ -1,0 +1,505 @@
+"""kt-kernel (kvcache-ai/ktransformers) MoE engines built on staged (or any in-memory) expert weights.
+
+kt-kernel is optional: nothing here imports it until an engine is built (`available()` says whether
+it can be). The AVX2 classes are forced for the native formats (they run on every x86-64 CPU
+kt-kernel supports; the AVX-VNNI/AMX ones are chosen by kt-kernel itself only where the CPU has
+them), and llamafile's `MOE` runs GGUF.
+
+Data the engines take, per expert (gate/up act on [N=I, K=H], down on [N=H, K=I]); this is the
+staged layout of `design.md` (GPTQ scales converted f16 -> f32, MXFP4 scales u8 -> bf16):
+
+| format       | class              | weight piece            | scale piece                     |
+|--------------|--------------------|-------------------------|---------------------------------|
+| bf16         | AVX2BF16_MOE       | bf16 [N, K]             | -                               |
+| fp8          | AVX2FP8_MOE        | e4m3 [N, K]             | f32 [ceil(N/128), ceil(K/128)]  |
+| gptq-int4    | AVX2GPTQInt4_MOE   | i32 [K/8, N]            | f32 [K/gs, N]                   |
+| rawint4      | AVX2RawInt4_MOE    | i32 [N, K/8] (u8 [N,K/2])| bf16 [N, K/gs]                 |
+| mxfp4        | AVX2MXFP4_MOE      | u8 [N, K/2]             | bf16 [N, K/32]                  |
+| gguf:<T>     | MOE (llamafile)    | T blocks [N, K]         | -                               |
+
+Two ways to hand weights over (`build_moe(mode=...)`):
+- "flat": one stacked [E, ...] buffer per (proj, kind) (`gate_proj`, `gate_scale`...);
+- "pointers": one address per expert per (proj, kind) (`gate_projs=[[...]]`, numa dimension 1),
+  the native classes only (llamafile takes stacked buffers alone).
+
+Tensor parallelism is done by ktnuma, not by the engine: a `tp` split builds one engine per node,
+each of width I/N on that node's slices (`EngineSpec.split(n)`), and the outputs are summed.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from ..errors import BadInput
+from ..formats.dtypes import GGML_TYPES
+
+log = logging.getLogger(__name__)
+
+PROJS = ("gate", "up", "down")
+KINDS = ("weight", "scale")
+MODES = ("flat", "pointers")
+
+FP8_BLOCK = 128
+MXFP4_GROUP = 32
+LLAMAFILE_QK = 256  # llamafile splits I in QK_K blocks
+DEFAULT_MAX_LEN = 64
+
+
+# --------------------------------------------------------------------------------------------
+# One table: ktnuma format -> kt-kernel backend
+# --------------------------------------------------------------------------------------------
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+Shape = tuple[int, ...]
+# (N, K, group_size) -> (dtype, shape) of one expert's piece as the engine reads it
+LayoutFn = Callable[[int, int, int | None], tuple[str, Shape]]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # ktnuma format family ("bf16", "fp8", ..., "gguf")
+    engine_class: str  # attribute of kt_kernel_ext.moe
+    weight: LayoutFn | None  # None: GGUF (computed from the GGML type)
+    scale: LayoutFn | None  # None: no scales
+    bits: int | None  # quant_config.bits (None: not set)
+    group_size: int | None  # fixed group size; None: from the model (gptq/rawint4) or unused
+    default_group_size: int | None
+    pointer_mode: bool  # takes per-expert pointer tables
+    in_place: Callable[[str, int], bool]  # (mode, engine tp) -> keeps reading the source after load
+    tolerance: float  # relative L1 vs the torch reference (engine-facts.md)
+    i_dims: tuple[int, int] = (0, 1)  # dim of a (weight or scale) piece that is I: (gate/up, down)
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("bf16", "AVX2BF16_MOE", lambda n, k, gs: ("bf16", (n, k)), None,
+                None, None, None, True, lambda mode, tp: False, 0.02),
+        Backend("fp8", "AVX2FP8_MOE", lambda n, k, gs: ("f8_e4m3", (n, k)),
+                lambda n, k, gs: ("f32", (_ceil(n, FP8_BLOCK), _ceil(k, FP8_BLOCK))),
+                8, FP8_BLOCK, FP8_BLOCK, True, lambda mode, tp: False, 0.02),
+        Backend("gptq-int4", "AVX2GPTQInt4_MOE", lambda n, k, gs: ("i32", (k // 8, n)),
+                lambda n, k, gs: ("f32", (k // gs, n)),
+                4, None, None, True, lambda mode, tp: False, 0.02, (1, 0)),
+        Backend("rawint4", "AVX2RawInt4_MOE", lambda n, k, gs: ("i32", (n, k // 8)),
+                lambda n, k, gs: ("bf16", (n, k // gs)),
+                4, None, 32, True, lambda mode, tp: mode == "pointers", 0.02),
+        Backend("mxfp4", "AVX2MXFP4_MOE", lambda n, k, gs: ("u8", (n, k // 2)),
+                lambda n, k, gs: ("bf16", (n, k // gs)),
+                4, MXFP4_GROUP, MXFP4_GROUP, True, lambda mode, tp: False, 0.02),
+        Backend("gguf", "MOE", None, None,
+                None, None, None, False, lambda mode, tp: tp == 1, 0.04),
+    )
+}
+
+_ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "u8": 1, "i8": 1, "f8_e4m3": 1}
+
+
+def _family(fmt: str) -> str:
+    return "gguf" if fmt.startswith("gguf:") else fmt
+
+
+# --------------------------------------------------------------------------------------------
+# EngineSpec
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything needed to build one kt-kernel MoE engine. `intermediate` is this engine's width
+    (I for a whole layer, I/N for one of N tensor-parallel parts)."""
+
+    format: str  # ktnuma format name: bf16, fp8, gptq-int4, rawint4, mxfp4, gguf:<T>
+    backend: str  # key of BACKENDS
+    engine_class: str
+    hidden: int
+    intermediate: int
+    num_experts: int
+    experts_per_tok: int
+    group_size: int | None = None
+    bits: int | None = None
+    gguf_types: tuple[str, str, str] | None = None  # (gate, up, down) GGML type names
+    max_len: int = DEFAULT_MAX_LEN
+
+    def split(self, n_parts: int) -> "EngineSpec":
+        """The spec of one of `n_parts` tensor-parallel parts (checked by check_engine_limits)."""
+        check_engine_limits(self, n_parts)
+        return replace(self, intermediate=self.intermediate // n_parts)
+
+    def _nk(self, proj: str) -> tuple[int, int]:
+        return (self.intermediate, self.hidden) if proj in ("gate", "up") else (self.hidden, self.intermediate)
+
+    def piece(self, proj: str, kind: str) -> tuple[str, Shape] | None:
+        """(dtype, shape) of one expert's piece of (proj, kind) as this engine reads it; None if the
+        backend takes no such array (scales of bf16 / GGUF)."""
+        if proj not in PROJS or kind not in KINDS:
+            raise BadInput(f"unknown array ({proj!r}, {kind!r}); projs {PROJS}, kinds {KINDS}")
+        n, k = self._nk(proj)
+        b = BACKENDS[self.backend]
+        if b.weight is None:  # GGUF
+            if kind == "scale":
+                return None
+            t = GGML_TYPES[self.gguf_types[PROJS.index(proj)]]  # type: ignore[index]
+            return f"gguf:{t.name}", (n, k)
+        fn = b.weight if kind == "weight" else b.scale
+        return None if fn is None else fn(n, k, self.group_size)
+
+    def piece_nbytes(self, proj: str, kind: str) -> int:
+        p = self.piece(proj, kind)
+        if p is None:
+            return 0
+        dtype, shape = p
+        if dtype.startswith("gguf:"):
+            t = GGML_TYPES[dtype[5:]]
+            return shape[0] * (shape[1] // t.block) * t.type_size
+        size = _ITEMSIZE[dtype]
+        for d in shape:
+            size *= d
+        return size
+
+    def i_dim(self, proj: str) -> int:
+        """The dim of this engine's (weight or scale) piece of `proj` that runs along I."""
+        return BACKENDS[self.backend].i_dims[0 if proj in ("gate", "up") else 1]
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return KINDS if BACKENDS[self.backend].scale is not None else ("weight",)
+
+    @property
+    def tolerance(self) -> float:
+        return BACKENDS[self.backend].tolerance
+
+
+def backend_for(
+    format: str,
+    *,
+    hidden: int,
+    intermediate: int,
+    num_experts: int,
+    experts_per_tok: int,
+    group_size: int | None = None,
+    gguf_types: Sequence[str] | None = None,
+    max_len: int = DEFAULT_MAX_LEN,
+) -> EngineSpec:
+    """The engine for ktnuma format `format` (e.g. "fp8", "gguf:Q4_K"). GGUF models whose down
+    projection has another type pass `gguf_types=(gate, up, down)`."""
+    fam = _family(format)
+    b = BACKENDS.get(fam)
+    if b is None:
+        raise BadInput(
+            f"kt-kernel: no engine for format {format!r} (known: {', '.join(k for k in BACKENDS if k != 'gguf')}, "
+            "gguf:<TYPE>); fp8 per-channel and amx-int4/amx-int8 have no AVX2 class in kt-kernel 0.7.2"
+        )
+    types: tuple[str, str, str] | None = None
+    if fam == "gguf":
+        if gguf_types is None:
+            gguf_types = (format[5:],) * 3
+        types = tuple(str(t).upper() for t in gguf_types)  # type: ignore[assignment]
+        if len(types) != 3 or any(t not in GGML_TYPES for t in types):  # type: ignore[arg-type]
+            raise BadInput(f"kt-kernel: unknown GGML types {gguf_types!r} for format {format!r}")
+        gs = None
+    elif b.group_size is not None:
+        if group_size not in (None, b.group_size):
+            raise BadInput(f"kt-kernel: {fam} uses group size {b.group_size}, not {group_size}")
+        gs = b.group_size
+    elif b.scale is not None:
+        gs = group_size if group_size is not None else b.default_group_size
+        if gs is None:
+            raise BadInput(f"kt-kernel: format {fam} needs the checkpoint's group size (group_size=...)")
+    else:
+        gs = None
+    spec = EngineSpec(
+        format=format,
+        backend=fam,
+        engine_class=b.engine_class,
+        hidden=int(hidden),
+        intermediate=int(intermediate),
+        num_experts=int(num_experts),
+        experts_per_tok=int(experts_per_tok),
+        group_size=gs,
+        bits=b.bits,
+        gguf_types=types,
+        max_len=int(max_len),
+    )
+    check_engine_limits(spec, 1)
+    return spec
+
+
+# --------------------------------------------------------------------------------------------
+# Limits the engine does not check itself (or checks only by crashing / returning garbage)
+# --------------------------------------------------------------------------------------------
+def check_engine_limits(spec: EngineSpec, n_parts: int = 1) -> None:
+    """Refuse what the engine cannot run when `spec` is split into `n_parts` engines of width
+    I/n_parts (n_parts=1: the spec as is). Raises BadInput with the numbers and a way out."""
+    H, I, n = spec.hidden, spec.intermediate, int(n_parts)
+    what = f"kt-kernel {spec.engine_class} ({spec.format}, hidden {H}, intermediate {I}"
+    what += f" over {n} parts)" if n > 1 else ")"
+    if n < 1:
+        raise BadInput(f"{what}: n_parts must be >= 1")
+    if min(H, I, spec.num_experts, spec.experts_per_tok) < 1 or spec.experts_per_tok > spec.num_experts:
+        raise BadInput(f"{what}: bad sizes (experts {spec.num_experts}, per token {spec.experts_per_tok})")
+    if I % n:
+        raise BadInput(f"{what}: intermediate {I} does not split into {n} equal parts")
+    It = I // n
+    fam = spec.backend
+    problems: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+
+    if fam == "bf16":
+        need(H % 8 == 0 and It % 8 == 0, f"hidden and per-part intermediate ({It}) must be multiples of 8")
+    elif fam == "fp8":
+        need(H % FP8_BLOCK == 0, f"hidden {H} is not a multiple of the {FP8_BLOCK}-wide FP8 scale blocks")
+        # silent failure: I_tp 64 gives NaN / rel 0.5 (engine-facts)
+        need(It % FP8_BLOCK == 0,
+             f"per-part intermediate {It} is not a multiple of the {FP8_BLOCK}-wide FP8 scale blocks "
+             f"(the engine returns NaN/garbage); use fewer parts or --split ep")
+    elif fam in ("gptq-int4", "rawint4", "mxfp4"):
+        gs = spec.group_size or 0
+        need(gs > 0 and gs % 8 == 0, f"group size {gs} must be a positive multiple of 8")
+        if gs > 0:
+            need(H % gs == 0, f"hidden {H} is not a multiple of the group size {gs}")
+            # silent failure: GPTQ with I_tp < gs gives all-zero output (engine-facts)
+            need(It % gs == 0,
+                 f"per-part intermediate {It} is not a multiple of the group size {gs} "
+                 f"(the engine would return zeros or fail); use fewer parts or --split ep")
+        if fam == "gptq-int4":
+            need(gs in (32, 64, 128), f"group size {gs} untested with AVX2GPTQInt4_MOE (32, 64, 128 work)")
+    elif fam == "gguf":
+        assert spec.gguf_types is not None
+        gate_t, up_t, down_t = (GGML_TYPES[t] for t in spec.gguf_types)
+        need(It % LLAMAFILE_QK == 0,
+             f"per-part intermediate {It} is not a multiple of {LLAMAFILE_QK} (llamafile splits I in QK_K "
+             f"blocks); use fewer parts or --split ep")
+        # silent failure: H=128 gives all zeros for qlen >= 10 (engine-facts)
+        need(H != 128, "hidden 128 gives all-zero output for 10 or more tokens in llamafile")
+        need(H % gate_t.block == 0 and H % up_t.block == 0,
+             f"hidden {H} is not a multiple of the gate/up block ({gate_t.name} {gate_t.block}, {up_t.name} {up_t.block})")
+        need(It % down_t.block == 0, f"per-part intermediate {It} is not a multiple of {down_t.name}'s block {down_t.block}")
+        for t in (gate_t, up_t, down_t):
+            need(t.block > 1 or t.name in ("F32", "F16", "BF16"), f"GGML type {t.name} is not a matrix type")
+    if problems:
+        raise BadInput(f"{what}: " + "; ".join(problems))
+
+
+def copies_at_load(backend: str, mode: str, tp: int = 1) -> bool:
+    """True when the engine copies the weights at `load_weights_task` (the source may go away once
+    it has synced); False when it keeps reading them in place (the source must outlive it, so
+    `ktnuma.stream` must refuse it). `backend` is a format or BACKENDS key; `tp` the engine's own
+    subpool count (1 for the per-node engines ktnuma builds)."""
+    fam = _family(backend)
+    if fam not in BACKENDS:
+        raise BadInput(f"kt-kernel: unknown backend {backend!r}")
+    if mode not in MODES:
+        raise BadInput(f"kt-kernel: unknown mode {mode!r} (flat or pointers)")
+    return not BACKENDS[fam].in_place(mode, int(tp))
+
+
+# --------------------------------------------------------------------------------------------
+# kt-kernel, lazily
+# --------------------------------------------------------------------------------------------
+_ext_cache: Any = None
+
+
+def available() -> bool:
+    """Whether kt-kernel can be imported (imports it)."""
+    try:
+        _ext()
+    except ImportError:
+        return False
+    return True
+
+
+def _ext() -> Any:
+    global _ext_cache
+    if _ext_cache is None:
+        import kt_kernel  # noqa: F401  (loads the CPU variant and registers kt_kernel_ext)
+
+        _ext_cache = kt_kernel.kt_kernel_ext
+    return _ext_cache
+
+
+def make_cpuinfer(threads: int = 1, numa_nodes: Sequence[int] = (0,)) -> Any:
+    """A kt-kernel CPUInfer with one subpool per entry of `numa_nodes` (real node ids), `threads`
+    threads each. ktnuma's per-node engines use one subpool each (engine tp == 1)."""
+    ext = _ext()
+    wc = ext.WorkerPoolConfig()
+    wc.subpool_count = len(numa_nodes)
+    wc.subpool_numa_map = [int(x) for x in numa_nodes]
+    wc.subpool_thread_count = [int(threads)] * len(numa_nodes)
+    return ext.CPUInfer(wc)
+
+
+@dataclass
+class LoadedMoE:
+    """A loaded kt-kernel MoE plus everything it may still read (kept alive with it)."""
+
+    spec: EngineSpec
+    mode: str
+    layer_idx: int
+    engine: Any
+    config: Any
+    keep: tuple[Any, ...]
+    in_place: bool  # the engine reads `keep`'s memory during forward
+
+
+def _addr_nbytes(obj: Any) -> tuple[int, int]:
+    """Address and byte length of a C-contiguous numpy array / torch tensor / buffer."""
+    if hasattr(obj, "data_ptr") and hasattr(obj, "element_size"):  # torch
+        if not obj.is_contiguous():
+            raise BadInput("kt-kernel: array is not contiguous")
+        return int(obj.data_ptr()), int(obj.numel() * obj.element_size())
+    import numpy as np
+
+    arr = obj if isinstance(obj, np.ndarray) else np.asarray(memoryview(obj))
+    if not arr.flags["C_CONTIGUOUS"]:
+        raise BadInput("kt-kernel: array is not C-contiguous")
+    return int(arr.ctypes.data), int(arr.nbytes)
+
+
+def _setters(spec: EngineSpec, arrays: Mapping[tuple[str, str], Any], mode: str) -> tuple[dict[str, Any], list[Any]]:
+    """MOEConfig attribute -> value for the weight/scale sources, plus objects to keep alive."""
+    E = spec.num_experts
+    attrs: dict[str, Any] = {}
+    keep: list[Any] = []
+    for proj in PROJS:
+        for kind in KINDS:
+            need = spec.piece_nbytes(proj, kind)
+            src = arrays.get((proj, kind))
+            if need == 0:
+                if src is not None and mode == "flat":
+                    raise BadInput(f"kt-kernel {spec.engine_class}: takes no {proj} {kind}")
+                if mode == "pointers" and kind == "scale":
+                    attrs[f"{proj}_scales"] = [[0] * E]  # upstream passes zeros for BF16
+                continue
+            if src is None:
+                raise BadInput(f"kt-kernel {spec.engine_class}: missing {proj} {kind} array")
+            if mode == "flat":
+                addr, nbytes = _addr_nbytes(src)
+                if nbytes != need * E:
+                    raise BadInput(
+                        f"kt-kernel {spec.engine_class}: {proj} {kind} has {nbytes} bytes, expected "
+                        f"{E} experts x {need} ({spec.piece(proj, kind)})"
+                    )
+                attrs[f"{proj}_proj" if kind == "weight" else f"{proj}_scale"] = addr
+                keep.append(src)
+            else:
+                ptrs = [int(p) for p in src]
+                if len(ptrs) != E or any(p <= 0 for p in ptrs):
+                    raise BadInput(
+                        f"kt-kernel {spec.engine_class}: {proj} {kind} pointer table needs {E} non-zero "
+                        f"addresses, got {len(ptrs)} ({sum(p <= 0 for p in ptrs)} zero)"
+                    )
+                attrs[f"{proj}_projs" if kind == "weight" else f"{proj}_scales"] = [ptrs]
+                keep.append(src)
+    return attrs, keep
+
+
+def build_moe(
+    cpuinfer: Any,
+    spec: EngineSpec,
+    arrays: Mapping[tuple[str, str], Any],
+    *,
+    mode: str = "flat",
+    layer_idx: int,
+    engine_tp: int = 1,
+) -> LoadedMoE:
+    """Build and load one kt-kernel MoE. `arrays[(proj, kind)]` is a stacked C-contiguous [E, ...]
+    array (numpy / torch; flat mode) or a sequence of E per-expert addresses (pointer mode), each
+    piece as `spec.piece(proj, kind)` describes. `layer_idx` must be distinct per engine alive in
+    the process. The caller keeps the source alive until this returns, and for as long as the
+    engine lives when `copies_at_load` is False (the returned object also holds a reference).
+    `engine_tp` is `cpuinfer`'s subpool count (the engine then splits I itself)."""
+    if mode not in MODES:
+        raise BadInput(f"kt-kernel: unknown mode {mode!r} (flat or pointers)")
+    b = BACKENDS[spec.backend]
+    if mode == "pointers" and not b.pointer_mode:
+        raise BadInput(f"kt-kernel {spec.engine_class} ({spec.format}) takes stacked arrays only (mode='flat')")
+    check_engine_limits(spec, engine_tp)
+    attrs, keep = _setters(spec, arrays, mode)
+
+    import numpy as np
+
+    ext = _ext()
+    moe_mod = ext.moe
+    cls = getattr(moe_mod, spec.engine_class, None)
+    if cls is None:
+        raise BadInput(f"kt-kernel {getattr(ext, '__cpu_variant__', '?')} build has no {spec.engine_class}")
+    cfg = moe_mod.MOEConfig(spec.num_experts, spec.experts_per_tok, spec.hidden, spec.intermediate, 0)
+    cfg.layer_idx = int(layer_idx)
+    cfg.pool = cpuinfer.backend_
+    cfg.max_len = spec.max_len
+    if spec.backend == "gguf":
+        assert spec.gguf_types is not None
+        gate_t, up_t, down_t = (GGML_TYPES[t].id for t in spec.gguf_types)
+        cfg.m_block = 32
+        cfg.group_min_len = 10
+        cfg.group_max_len = spec.max_len
+        cfg.gate_type, cfg.up_type, cfg.down_type = gate_t, up_t, down_t
+        cfg.hidden_type = ext.kvcache.ggml_type.BF16
+    elif spec.bits is not None:
+        cfg.quant_config.bits = spec.bits
+        cfg.quant_config.group_size = int(spec.group_size or 0)
+        cfg.quant_config.zero_point = False
+    for name, value in attrs.items():
+        setattr(cfg, name, value)
+    engine = cls(cfg)
+    p2l = np.arange(spec.num_experts, dtype=np.int64)
+    cpuinfer.submit(engine.load_weights_task(int(p2l.ctypes.data)))
+    cpuinfer.sync()
+    in_place = not copies_at_load(spec.backend, mode, engine_tp)
+    log.debug("built %s layer_idx=%d mode=%s in_place=%s", spec.engine_class, layer_idx, mode, in_place)
+    return LoadedMoE(spec, mode, int(layer_idx), engine, cfg, tuple(keep), in_place)
+
+
+def forward(moe: LoadedMoE, cpuinfer: Any, x_bf16: Any, ids: Any, weights: Any, out: Any = None) -> Any:
+    """Run the MoE on `x_bf16` ([q, H] bf16: torch bfloat16 or numpy uint16 bits), expert `ids`
+    [q, k] and routing `weights` [q, k]. Returns `out` ([q, H], same kind as x), allocated if None."""
+    import numpy as np
+
+    spec = moe.spec
+    is_torch = hasattr(x_bf16, "data_ptr")
+    if is_torch:
+        import torch
+
+        if x_bf16.dtype != torch.bfloat16:
+            raise BadInput(f"kt-kernel forward: x must be bfloat16, not {x_bf16.dtype}")
+        x = x_bf16.contiguous()
+        ids_a = np.ascontiguousarray(np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids, dtype=np.int64))
+        w_a = np.ascontiguousarray(np.asarray(weights.cpu() if hasattr(weights, "cpu") else weights, dtype=np.float32))
+        if out is None:
+            out = torch.empty_like(x)
+        x_addr, out_addr = x.data_ptr(), out.data_ptr()
+        q, h = x.shape
+    else:
+        x = np.ascontiguousarray(x_bf16)
+        if x.dtype.itemsize != 2:
+            raise BadInput("kt-kernel forward: numpy x must hold bf16 bits (2-byte elements)")
+        ids_a = np.ascontiguousarray(ids, dtype=np.int64)
+        w_a = np.ascontiguousarray(weights, dtype=np.float32)
+        if out is None:
+            out = np.empty_like(x)
+        x_addr, out_addr = x.ctypes.data, out.ctypes.data
+        q, h = x.shape
+    k = spec.experts_per_tok
+    if h != spec.hidden or ids_a.shape != (q, k) or w_a.shape != (q, k):
+        raise BadInput(
+            f"kt-kernel forward: x {tuple(x.shape)}, ids {ids_a.shape}, weights {w_a.shape} do not fit "
+            f"hidden {spec.hidden}, experts_per_tok {k}"
+        )
+    if q > spec.max_len:
+        raise BadInput(f"kt-kernel forward: {q} tokens exceed max_len {spec.max_len}")
+    if q and (ids_a.min() < 0 or ids_a.max() >= spec.num_experts):
+        raise BadInput(f"kt-kernel forward: expert ids outside [0, {spec.num_experts})")
+    qlen = np.array([q], dtype=np.int32)
+    cpuinfer.submit(
+        moe.engine.forward_task(int(qlen.ctypes.data), k, int(ids_a.ctypes.data), int(w_a.ctypes.data),
+                                int(x_addr), int(out_addr), False)
+    )
+    cpuinfer.sync()
+    return out
+
