@@ -1,0 +1,55 @@
+"""Shared CLI helpers: logging to stderr, one-line errors with the contract's exit codes."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import KtnumaError
+
+
+def setup_logging(prog: str, quiet: bool = False, verbose: int = 0) -> None:
+    """Log records go to stderr as ``ktnuma <prog>: message`` lines (warnings by default)."""
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else
+                                         logging.INFO if verbose else logging.WARNING)
+    env = os.environ.get("KTNUMA_LOG")
+    if env and not quiet:
+        level = getattr(logging, env.upper(), level)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter(f"ktnuma {prog}: %(message)s"))
+    root.addHandler(h)
+    root.setLevel(level)
+
+
+def fail(prog: str, err: BaseException) -> int:
+    """Print the one-line error and return its exit code."""
+    code = getattr(err, "exit_code", 1)
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    print(f"ktnuma {prog}: error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def run(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Call ``main``; a KtnumaError becomes one line on stderr and its exit code (no traceback)."""
+    try:
+        return main(argv)
+    except KtnumaError as err:
+        return fail(prog, err)
+    except KeyboardInterrupt:
+        print(f"ktnuma {prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+def human(n: float) -> str:
+    """Bytes in decimal units (GB = 1e9), like the GB/s figures."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"  # pragma: no cover

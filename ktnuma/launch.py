@@ -1,0 +1,318 @@
+"""``python -m ktnuma.launch MODEL``: stage a model's routed experts into node-local shared memory.
+
+Exit codes: 0 ok, 2 bad input or usage, 3 not enough memory/shm, 4 worker failure after retries,
+130 interrupted while staging. Light imports: the model readers are imported only when used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from . import cli, registry, shm
+from .errors import BadInput, Interrupted, NotEnoughMemory
+
+log = logging.getLogger("ktnuma.launch")
+
+EPILOG = """\
+what it does:
+  Reads the model's headers, plans one shared-memory segment per (MoE layer, node), starts one
+  worker process per node (pinned to the node's CPUs, memory bound to the node) and stages every
+  layer's expert slices, then publishes a JSON manifest that engines attach to.
+
+  stdout: with --json one JSON summary line; in every mode `ready <absolute manifest path>` as the
+  last line. Progress and the per-node summary table go to stderr (--quiet silences them).
+  Foreground (default): hold the segments until SIGINT/SIGTERM/SIGHUP, then remove everything and
+  exit 0. --detach: exit 0 at once, leaving segments and manifest for `python -m ktnuma.release`.
+
+exit codes: 0 ok, 2 bad input/usage, 3 not enough memory or shm space, 4 worker failure after
+  retries, 130 interrupted while staging (nothing is left behind).
+
+examples:
+  python -m ktnuma.launch --nodes 2 --detach model/
+  python -m ktnuma.launch --topology configs/topologies/four-node.toml --split ep --json model/
+"""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ktnuma.launch", description=__doc__.splitlines()[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="model directory (safetensors or GGUF) or file")
+    p.add_argument("--nodes", type=int, metavar="N",
+                   help="nodes to stage onto (default: every real NUMA node; more are simulated)")
+    p.add_argument("--topology", metavar="PATH", help="topology TOML (configs/topologies/)")
+    p.add_argument("--no-simulate", action="store_true",
+                   help="refuse (exit 2) instead of simulating nodes this machine lacks")
+    p.add_argument("--split", choices=("tp", "ep"), default="tp",
+                   help="tp: a 1/N slice of every expert per node (default); ep: whole experts per node")
+    p.add_argument("--format", metavar="NAME", help="force the format (bf16, fp8, gguf:Q4_K, ...)")
+    p.add_argument("--layers", metavar="SPEC", help="checkpoint layer numbers, e.g. 1-3,7")
+    p.add_argument("--manifest", metavar="PATH", help="manifest path (default ./ktnuma-<run_id>.json)")
+    p.add_argument("--detach", action="store_true", help="exit after `ready`, leaving segments + manifest")
+    p.add_argument("--shm-dir", metavar="DIR", help="a tmpfs directory for the segments (default /dev/shm)")
+    p.add_argument("--io", choices=("buffered", "direct"), default="buffered",
+                   help="source reads: page cache (dropped per layer) or O_DIRECT (not yet: buffered)")
+    p.add_argument("--verify", action="store_true",
+                   help="re-read every staged piece from the source and compare bytes before ready")
+    p.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="restarts of a dying worker per segment (default 2)")
+    p.add_argument("--layers-in-flight", type=int, default=2, metavar="K", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print a JSON summary line on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log lines on stderr")
+    args = p.parse_args(argv)
+    if args.retries < 0:
+        p.error(f"--retries must be >= 0, got {args.retries}")
+    return args
+
+
+# ---------------------------------------------------------------- signals
+
+class Signals:
+    """While staging a signal raises Interrupted (once); while holding it just sets a flag."""
+
+    NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+
+    def __init__(self) -> None:
+        self.mode = "staging"
+        self.got: int | None = None
+
+    def install(self) -> None:
+        for s in self.NAMES:
+            signal.signal(s, self.handler)
+
+    def handler(self, signum, frame) -> None:  # noqa: ARG002
+        first = self.got is None
+        self.got = signum
+        if self.mode == "staging" and first:
+            raise Interrupted(f"interrupted by {self.NAMES.get(signum, signum)} while staging; "
+                              "nothing was left behind")
+
+    def ignore(self) -> None:
+        self.mode = "cleanup"
+        for s in self.NAMES:
+            signal.signal(s, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------- progress and summary
+
+class Reporter:
+    def __init__(self, quiet: bool, topology) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.topology = topology
+        self.last = 0.0
+
+    def __call__(self, ev) -> None:
+        if self.quiet:
+            return
+        if ev.kind == "retry":
+            self._line(f"node {ev.node} layer {ev.layer}: {ev.message}", final=True)
+            return
+        if ev.kind != "layer" and not self.tty:
+            return
+        now = time.monotonic()
+        if self.tty and ev.kind != "layer" and now - self.last < 0.2:
+            return
+        self.last = now
+        parts = []
+        for n in self.topology.nodes:
+            b, s = ev.node_bytes.get(n.id, 0), ev.node_seconds.get(n.id, 0.0)
+            parts.append(f"n{n.id} {cli.human(b)} {b / s / 1e9 if s else 0:.2f} GB/s")
+        frac = ev.bytes_done / ev.bytes_total if ev.bytes_total else 1.0
+        eta = ev.elapsed * (1 - frac) / frac if frac > 0 else 0.0
+        self._line(f"layers {ev.layers_done}/{ev.layers_total} | " + " | ".join(parts)
+                   + f" | {100 * frac:.0f}% ETA {eta:.1f}s", final=not self.tty)
+
+    def _line(self, text: str, final: bool) -> None:
+        if self.tty:
+            sys.stderr.write("\r\x1b[K" + text + ("\n" if final else ""))
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.tty and not self.quiet:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def summary(result, topology, manifest_path: str, index) -> dict:
+    nodes = []
+    for ns in result.nodes:
+        nodes.append({"node": ns.node, "real_node": ns.real_node, "bytes": ns.bytes,
+                      "seconds": round(ns.seconds, 4), "gbps": round(ns.gbps, 3),
+                      "pct_on_node": round(ns.pct_on_node, 2)})
+    return {"run_id": result.run_id, "manifest": manifest_path, "model": os.path.abspath(index.root),
+            "format": index.format, "split": result.plan.split, "layers": list(result.plan.layers),
+            "segments": len(result.segments), "bytes": result.bytes,
+            "seconds": round(result.seconds, 4),
+            "gbps": round(result.bytes / result.seconds / 1e9, 3) if result.seconds else 0.0,
+            "simulated": bool(topology.simulated), "retries": result.retries_used, "nodes": nodes}
+
+
+def summary_table(s: dict) -> str:
+    lines = [f"staged {cli.human(s['bytes'])} in {s['segments']} segments, {len(s['layers'])} layers, "
+             f"{s['seconds']:.2f} s ({s['gbps']:.2f} GB/s){' [simulated topology]' if s['simulated'] else ''}",
+             f"{'node':>4} {'real':>4} {'bytes':>12} {'seconds':>8} {'GB/s':>7} {'on node':>8}"]
+    for n in s["nodes"]:
+        lines.append(f"{n['node']:>4} {n['real_node']:>4} {cli.human(n['bytes']):>12} "
+                     f"{n['seconds']:>8.2f} {n['gbps']:>7.2f} {n['pct_on_node']:>7.1f}%")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- pre-flight
+
+def check_memory(plan, topology, shm_dir: str | None) -> None:
+    """Segments must fit the shm filesystem and each backing real node's MemAvailable."""
+    from .topology import real_mem_available
+
+    need = plan.total_bytes
+    where = shm.norm_dir(shm_dir)
+    try:
+        free = shm.free_bytes(shm_dir)
+    except FileNotFoundError:
+        raise BadInput(f"--shm-dir {where}: no such directory") from None
+    if need > free:
+        raise NotEnoughMemory(
+            f"staging needs {cli.human(need)} ({need} bytes) in {len(plan.segments)} segments but {where} "
+            f"has {cli.human(free)} free; enlarge it (e.g. `mount -o remount,size={-(-need // 2**30) + 1}G "
+            f"{where}`) or use --shm-dir on a larger tmpfs, or stage fewer --layers")
+    per_real: dict[int, int] = {}
+    real_of = {n.id: n.real_node for n in topology.nodes}
+    for s in plan.segments:
+        per_real[real_of[s.node]] = per_real.get(real_of[s.node], 0) + s.size
+    avail = real_mem_available(topology)
+    for r, b in sorted(per_real.items()):
+        if b > avail.get(r, 0):
+            raise NotEnoughMemory(
+                f"real NUMA node {r} must hold {cli.human(b)} ({b} bytes) of segments but has "
+                f"{cli.human(avail.get(r, 0))} available; free memory, use more --nodes, "
+                f"or stage fewer --layers")
+
+
+def verify(plan, run_id: str, shm_dir: str | None) -> None:
+    """Compare every staged piece with the source bytes read the plan's way (plus conversion)."""
+    from .formats.dtypes import convert
+    from .errors import WorkerFailed
+
+    fds = [os.open(p, os.O_RDONLY) for p in plan.files]
+    try:
+        for s in plan.segments:
+            name = shm.segment_name(run_id, s.layer, s.node)
+            fd = shm.open_segment(name, shm_dir)
+            mm = shm.map_fd(fd, s.size, write=False)
+            try:
+                for a in s.arrays:
+                    for k in range(a.count):
+                        off = a.src_offsets[k]
+                        if a.rows == 1 or a.run == a.src_stride:
+                            src = os.pread(fds[a.files[k]], a.rows * a.run, off)
+                        else:
+                            src = b"".join(os.pread(fds[a.files[k]], a.run, off + r * a.src_stride)
+                                           for r in range(a.rows))
+                        if a.conversion:
+                            out = bytearray(a.stride)
+                            convert(a.conversion, src, memoryview(out))
+                            src = bytes(out)
+                        start = a.offset + k * a.stride
+                        if mm[start:start + a.stride] != src:
+                            raise WorkerFailed(f"--verify: segment {name} layer {a.layer} {a.proj} "
+                                               f"{a.kind} expert {a.first + k} differs from the source")
+            finally:
+                mm.close()
+                os.close(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cli.setup_logging("launch", quiet=args.quiet, verbose=args.verbose)
+    sig = Signals()
+    sig.install()
+    shm_dir = None if args.shm_dir is None or shm.is_posix(args.shm_dir) else os.path.abspath(args.shm_dir)
+    if shm_dir is not None and not os.path.isdir(shm_dir):
+        raise BadInput(f"--shm-dir {shm_dir}: no such directory")
+    if args.io == "direct":
+        log.warning("--io direct is not implemented yet; reading through the page cache (dropped per layer)")
+
+    from .experts import index_model
+    from .plan import check_split, plan as make_plan
+    from .topology import select
+
+    topology = select(args.nodes, args.topology, simulate=not args.no_simulate)
+    index = index_model(args.model, format=args.format, layers=args.layers)
+    check_split(index, len(topology.nodes), args.split)
+    plan = make_plan(index, topology, args.split)
+    check_memory(plan, topology, shm_dir)
+
+    run_id = shm.new_run_id()
+    manifest_path = os.path.abspath(args.manifest or f"ktnuma-{run_id}.json")
+    if not os.path.isdir(os.path.dirname(manifest_path)):
+        raise BadInput(f"--manifest {manifest_path}: directory does not exist")
+    if os.path.exists(manifest_path):
+        raise BadInput(f"--manifest {manifest_path}: exists; remove it or choose another path")
+    published = detached = False
+    reporter = Reporter(args.quiet, topology)
+    try:
+        entry = registry.register(run_id, manifest_path, shm.norm_dir(shm_dir))
+        from .coordinator import stage
+        from .manifest import build, publish
+
+        result = stage(index, topology, args.split, run_id=run_id, shm_dir=shm_dir, plan=plan,
+                       layers_in_flight=args.layers_in_flight, retries=args.retries, progress=reporter)
+        reporter.end()
+        try:
+            if args.verify:
+                verify(plan, run_id, shm_dir)
+            publish(build(index, topology, plan, result, run_id=run_id, shm_dir=shm_dir), manifest_path)
+            published = True
+            entry = registry.update(entry, state="detached" if args.detach else "held")
+        except BaseException:
+            shm.unlink_run(run_id, shm_dir)
+            raise
+        s = summary(result, topology, manifest_path, index)
+        if not args.quiet:
+            print(summary_table(s), file=sys.stderr, flush=True)
+        if args.json:
+            print(json.dumps(s), flush=True)
+        print(f"ready {manifest_path}", flush=True)
+        if args.detach:
+            detached = True
+            return 0
+        sig.mode = "holding"
+        while sig.got is None:
+            signal.pause()
+        sig.ignore()
+        log.info("%s: removing run %s", Signals.NAMES.get(sig.got, sig.got), run_id)
+        return 0
+    finally:
+        if sig.mode != "cleanup":
+            sig.ignore()
+        if not detached:
+            shm.unlink_run(run_id, shm_dir)
+            for seg in plan.segments:
+                shm.unlink(shm.segment_name(run_id, seg.layer, seg.node), shm_dir)
+            if published:
+                try:
+                    os.unlink(manifest_path)
+                except FileNotFoundError:
+                    pass
+            registry.remove(run_id)
+
+
+def entry(argv: Sequence[str] | None = None) -> int:
+    return cli.run("launch", main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -1,0 +1,48 @@
+"""``python -m ktnuma.release MANIFEST``: unlink a run's segments, delete its manifest and registry entry."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import cli, registry, shm
+from .manifest import load
+
+log = logging.getLogger("ktnuma.release")
+
+
+def release(manifest_path: str) -> list[str]:
+    """Remove everything of the run published at ``manifest_path``; returns the segments removed."""
+    m = load(manifest_path)
+    run_id, shm_dir = m["run_id"], m.get("shm_dir")
+    removed = [s["name"] for s in m["segments"] if shm.unlink(s["name"], shm_dir)]
+    removed += shm.unlink_run(run_id, shm_dir)  # anything else of the run (never more than it named)
+    try:
+        os.unlink(manifest_path)
+    except FileNotFoundError:
+        pass
+    registry.remove(run_id)
+    return removed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m ktnuma.release",
+        description="Unlink a staged run's shared-memory segments and delete its manifest and "
+                    "registry entry (for runs started with `launch --detach`).",
+        epilog="exit codes: 0 ok, 2 not a readable ktnuma manifest.")
+    p.add_argument("manifest", metavar="MANIFEST", help="the manifest path printed by `launch` (ready ...)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    args = p.parse_args(argv)
+    cli.setup_logging("release", quiet=args.quiet)
+    removed = release(args.manifest)
+    if not args.quiet:
+        print(f"ktnuma release: removed {len(removed)} segment(s) and {os.path.abspath(args.manifest)}",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run("release", main))
