@@ -41,6 +41,7 @@ log = logging.getLogger("ktnuma.worker")
 CHUNK = 8 << 20  # bytes per contiguous preadv task
 BOUNCE_MAX = 64 << 20  # bytes of source span gathered per bounce-buffer fill
 FAULT_ENV = "KTNUMA_WORKER_FAULT"  # tests: "L:n:k" -> die mid-job on (layer L, node n) while attempt < k
+DELAY_ENV = "KTNUMA_WORKER_DELAY"  # tests: seconds to sleep (in small steps) inside every job
 
 
 class ParentGone(Exception):
@@ -77,6 +78,7 @@ class Worker:
         self.unfinished: list[str] = []  # segments created by the current job
         fault = os.environ.get(FAULT_ENV, "")
         self.fault = tuple(int(x) for x in fault.split(":")) if fault else None
+        self.delay = float(os.environ.get(DELAY_ENV) or 0)
 
     # ------------------------------------------------------------------ io helpers
     def fd(self, i: int) -> int:
@@ -221,6 +223,10 @@ class Worker:
                     and msg.get("attempt", 0) < self.fault[2]:
                 fault_at = len(ops) // 2
             self.run_ops(view, ops, fault_at)
+            end = time.monotonic() + self.delay
+            while time.monotonic() < end:
+                self.check()
+                time.sleep(0.01)
             placement = numa.placement(addr, size)
             view.release()
             view = None

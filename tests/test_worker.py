@@ -1,0 +1,175 @@
+"""The worker process on its own: real subprocess, real POSIX shm, hand-built jobs."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+from ktnuma import shm
+from ktnuma.plan import ArrayPlan
+
+RNG = np.random.default_rng(7)
+
+
+class Worker:
+    def __init__(self, files, shm_dir=None, node=0, cpus=(0,), env=None):
+        e = dict(os.environ)
+        e.update(env or {})
+        self.p = subprocess.Popen([sys.executable, "-m", "ktnuma.worker", "--node", str(node),
+                                   "--real-node", "0", "--cpus", ",".join(map(str, cpus))],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=e)
+        self.send({"op": "init", "files": [str(f) for f in files], "shm_dir": shm_dir})
+        assert self.recv()["op"] == "ready"
+
+    def send(self, msg):
+        self.p.stdin.write(json.dumps(msg).encode() + b"\n")
+        self.p.stdin.flush()
+
+    def recv(self):
+        line = self.p.stdout.readline()
+        return json.loads(line) if line else None
+
+    def job(self, name, size, arrays, layer=0, node=0):
+        self.send({"op": "job", "name": name, "layer": layer, "node": node, "size": size,
+                   "attempt": 0, "arrays": [asdict(a) for a in arrays]})
+        return self.recv()
+
+    def close(self):
+        self.p.stdin.close()
+        rc = self.p.wait(20)
+        self.p.stdout.close()
+        return rc
+
+
+def arr(offset, count, stride, src_offsets, rows, run, src_stride, conversion=None, proj="gate"):
+    return ArrayPlan(0, 0, proj, "weight", offset, 0, count, stride, "u8", (stride,), None,
+                     (0,) * count, tuple(src_offsets), rows, run, src_stride, conversion)
+
+
+@pytest.fixture
+def source(tmp_path):
+    data = RNG.integers(0, 256, 4 << 20, dtype=np.uint8)
+    p = tmp_path / "src.bin"
+    data.tofile(p)
+    return p, data
+
+
+def read_segment(name, size, shm_dir=None):
+    fd = shm.open_segment(name, shm_dir)
+    try:
+        st = os.fstat(fd)
+        assert st.st_size == size and stat.S_IMODE(st.st_mode) == 0o600
+        with open(fd, "rb", closefd=False) as f:
+            return np.frombuffer(f.read(size), np.uint8)
+    finally:
+        os.close(fd)
+
+
+def test_job_contiguous_strided_and_conversions(source):
+    path, data = source
+    f16 = data[:1 << 20].view("<f2")
+    rid = shm.new_run_id()
+    name = shm.segment_name(rid, 0, 0)
+    # 1) four adjacent contiguous pieces (coalesced into one read), 64 KiB each, from 1 MiB
+    a = arr(0, 4, 65536, [(1 << 20) + k * 65536 for k in range(4)], 1, 65536, 65536)
+    # 2) strided: 3 pieces of [128 rows x 100 bytes] taken from [128 x 300] at column 100
+    b = arr(a.end, 3, 128 * 100, [(2 << 20) + k * 128 * 300 + 100 for k in range(3)], 128, 100, 300,
+            proj="down")
+    boff = (a.end + 63) // 64 * 64
+    b = arr(boff, 3, 128 * 100, b.src_offsets, 128, 100, 300, proj="down")
+    # 3) f16->f32, strided: 2 pieces of [16 rows x 8 f16] from [16 x 32 f16] (rows 64 bytes apart)
+    coff = (b.end + 63) // 64 * 64
+    c = arr(coff, 2, 16 * 8 * 4, [k * 1024 + 16 for k in range(2)], 16, 16, 64, "f16->f32")
+    # 4) ue8m0->bf16 contiguous: 2 pieces of 40 bytes
+    doff = (c.end + 63) // 64 * 64
+    d = arr(doff, 2, 80, [(3 << 20) + k * 40 for k in range(2)], 1, 40, 40, "ue8m0->bf16")
+    size = d.end
+    w = Worker([path])
+    try:
+        res = w.job(name, size, [a, b, c, d])
+        assert res["op"] == "done", res
+        assert res["bytes"] == a.count * a.stride + b.count * b.stride + c.count * c.stride + d.count * d.stride
+        assert sum(res["placement"].values()) == -(-size // 4096)
+        assert res["placement"].get("0") == -(-size // 4096)  # every page present on real node 0
+        seg = read_segment(name, size)
+        assert (seg[:a.end] == data[1 << 20:(1 << 20) + 4 * 65536]).all()
+        for k in range(3):
+            src = data[(2 << 20) + k * 38400:(2 << 20) + (k + 1) * 38400].reshape(128, 300)[:, 100:200]
+            got = seg[boff + k * 12800:boff + (k + 1) * 12800].reshape(128, 100)
+            assert (got == src).all()
+        for k in range(2):
+            src = f16[k * 512:(k + 1) * 512].reshape(16, 32)[:, 8:16].astype("<f4")
+            got = seg[coff + k * 512:coff + (k + 1) * 512].view("<f4").reshape(16, 8)
+            assert np.array_equal(got, src, equal_nan=True)
+        for k in range(2):
+            src = data[(3 << 20) + k * 40:(3 << 20) + (k + 1) * 40].astype("<u2") << 7
+            assert (seg[doff + k * 80:doff + (k + 1) * 80].view("<u2") == src).all()
+        assert w.close() == 0
+    finally:
+        shm.unlink(name)
+
+
+def test_worker_pins_itself(source):
+    w = Worker([source[0]], cpus=(1,) if os.cpu_count() > 1 else (0,))
+    try:
+        with open(f"/proc/{w.p.pid}/status") as f:
+            allowed = [ln.split()[1] for ln in f if ln.startswith("Cpus_allowed_list")][0]
+        assert allowed == ("1" if os.cpu_count() > 1 else "0")
+    finally:
+        assert w.close() == 0
+
+
+def test_truncated_source_reports_input_error_and_removes_segment(source):
+    path, _ = source
+    name = shm.segment_name(shm.new_run_id(), 0, 0)
+    a = arr(0, 1, 8192, [(4 << 20) - 4096], 1, 8192, 8192)  # runs 4 KiB past the end of the file
+    w = Worker([path])
+    try:
+        res = w.job(name, 8192, [a])
+        assert res["op"] == "error" and res["kind"] == "input" and str(path) in res["message"]
+        assert not os.path.exists(shm.segment_path(name))
+        ok = w.job(name, 4096, [arr(0, 1, 4096, [0], 1, 4096, 4096)])  # and it keeps serving
+        assert ok["op"] == "done"
+        assert w.close() == 0
+    finally:
+        shm.unlink(name)
+
+
+def test_parent_pipe_closed_mid_job_removes_unfinished_segment(source):
+    path, _ = source
+    name = shm.segment_name(shm.new_run_id(), 0, 0)
+    a = arr(0, 1, 4096, [0], 1, 4096, 4096)
+    w = Worker([path], env={"KTNUMA_WORKER_DELAY": "30"})
+    try:
+        w.send({"op": "job", "name": name, "layer": 0, "node": 0, "size": 4096, "attempt": 0,
+                "arrays": [asdict(a)]})
+        for _ in range(500):  # wait until the segment exists (the job is running)
+            if os.path.exists(shm.segment_path(name)):
+                break
+            import time
+            time.sleep(0.01)
+        assert os.path.exists(shm.segment_path(name))
+        assert w.close() == 0  # EOF: the worker abandons the job within its 30 s delay
+        assert w.p.stdout is None or True
+        assert not os.path.exists(shm.segment_path(name))
+    finally:
+        shm.unlink(name)
+
+
+def test_nospace_is_reported(source, tiny_tmpfs):
+    d = tiny_tmpfs("1m")
+    name = shm.segment_name(shm.new_run_id(), 0, 0)
+    w = Worker([source[0]], shm_dir=d)
+    try:
+        res = w.job(name, 4 << 20, [arr(0, 1, 4 << 20, [0], 1, 4 << 20, 4 << 20)])
+        assert res["op"] == "error" and res["kind"] == "nospace", res
+        assert os.listdir(d) == []
+        assert w.close() == 0
+    finally:
+        shm.unlink(name, d)
