@@ -10,6 +10,7 @@ one contiguous run of rows*run bytes); the bytes land contiguously at segment of
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -97,6 +98,8 @@ class Plan:
 # ---------------------------------------------------------------------------------------
 # Planning
 # ---------------------------------------------------------------------------------------
+
+log = logging.getLogger(__name__)
 
 PAGE = 4096  # page-cache drop granularity
 SPLITS: tuple[str, ...] = ("tp", "ep")
@@ -411,6 +414,8 @@ def plan(index: ModelIndex, topology: Any, split: str = "tp") -> Plan:
             if arrays:
                 segments.append(SegmentPlan(layer, node, cursor, tuple(arrays)))
         drops.append((layer, _drops(groups)))
+    log.debug("planned %s over %d node(s): %d layer(s), %d segment(s), %d array(s)", split, n,
+              len(by_layer), len(segments), sum(len(s.arrays) for s in segments))
     return Plan(
         split=split,
         files=tuple(f.path for f in index.files),

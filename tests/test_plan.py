@@ -570,3 +570,57 @@ def test_deepseek_v3_sized_plan_is_fast_and_compact():
     # each node stages 1/8 of every layer's expert bytes (weights 3 x 256 x 2048 x 7168 / 8 + scales)
     seg = p.segments[0]
     assert seg.payload == 3 * 256 * (256 * 7168 + 2 * 56 * 4)
+
+
+# ------------------------------------------------------------------------------------------
+# Real synth checkpoints, indexed by ktnuma.experts
+# ------------------------------------------------------------------------------------------
+SYNTH_CASES = [
+    ("bf16", {}),
+    ("bf16", {"naming": "mixtral"}),
+    ("bf16", {"naming": "qwen-packed"}),
+    ("fp8", {}),
+    ("fp8-channel", {}),
+    ("rawint4", {}),
+    ("gptq-int4", {"group_size": 64}),
+    ("mxfp4", {}),
+    ("amx-int4", {}),
+    ("amx-int8", {}),
+    ("gguf:F16", {}),
+    ("gguf:Q8_0", {}),
+    ("gguf:Q4_K", {}),
+    ("gguf:Q6_K", {}),
+]
+
+
+@pytest.mark.parametrize("fmt,kw", SYNTH_CASES, ids=[f"{f}-{'-'.join(map(str, k.values()))}" for f, k in SYNTH_CASES])
+def test_synth_models_every_format_and_split(tmp_path, fmt, kw):
+    synth = pytest.importorskip("ktnuma.synth")
+    from ktnuma.experts import index_model
+
+    synth.write_model(tmp_path, fmt, layers=2, experts=5, hidden=256, intermediate=512, shards=1, seed=3, **kw)
+    idx = index_model(str(tmp_path))
+    assert idx.groups
+    amx = idx.shards is not None
+    for n, split in ((2, "tp"), (3, "ep"), (1, "tp"), (4, "tp")):
+        base = fmt.split(":")[0] if not fmt.startswith("gguf:") else fmt
+        gs = idx.config.group_size or kw.get("group_size", 32)
+        refused = design_refuses(base, idx.config.moe_intermediate_size, n, gs, split, idx.shards)
+        if refused:
+            with pytest.raises(SplitError):
+                plan(idx, range(n), split)
+            continue
+        assert not (amx and n != 2)
+        check_plan_bytes(idx, list(range(n)), split)
+
+
+def test_synth_refusal_on_misaligned_fp8(tmp_path):
+    synth = pytest.importorskip("ktnuma.synth")
+    from ktnuma.experts import index_model
+
+    synth.write_model(tmp_path, "fp8", layers=1, experts=2, hidden=128, intermediate=384, seed=1)
+    idx = index_model(str(tmp_path))
+    with pytest.raises(SplitError, match="384 over 2 nodes gives 192 per node, not a multiple of the 128-wide "
+                       "FP8 scale blocks; use --nodes 3, or --split ep"):
+        plan(idx, [0, 1], "tp")
+    check_plan_bytes(idx, [0, 1, 2], "tp")
