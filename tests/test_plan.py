@@ -301,9 +301,11 @@ CASES = [
 @pytest.mark.parametrize("split", ["tp", "ep"])
 @pytest.mark.parametrize("fmt,H,I,gs,nodes", CASES)
 def test_every_format_and_split_is_byte_exact(tmp_path, fmt, H, I, gs, nodes, split, stacked):
-    if fmt.startswith("amx-") and split == "ep":
-        pytest.skip("pre-sharded: tp only (refusal tested below)")
     index = build_index(str(tmp_path), fmt, H=H, I=I, E=5, layers=(3, 4), gs=gs, stacked=stacked, seed=len(nodes))
+    if fmt.startswith("amx-") and split == "ep":
+        with pytest.raises(SplitError, match="pre-sharded"):
+            plan(index, nodes, split)
+        return
     p = check_plan_bytes(index, nodes, split)
     assert p.split == split and p.layers == (3, 4) and p.nodes == tuple(nodes)
 
