@@ -87,7 +87,3 @@ def reference_piece(index: ModelIndex, g: PieceGroup, k: int, slc: tuple[int, in
     dst = bytearray(len(src) * CONVERSIONS[g.conversion].ratio)
     convert(g.conversion, src, memoryview(dst))
     return bytes(dst)
-
-
-def whole_piece(index: ModelIndex, g: PieceGroup, k: int) -> np.ndarray:
-    return _piece_array(index, g, k)

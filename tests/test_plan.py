@@ -359,7 +359,8 @@ def test_conversions_and_gguf_geometry(tmp_path):
     # down scales f16 [I/gs, H] cut on rows -> f32, twice the bytes
     assert (ds.slice, ds.shape, ds.dtype, ds.conversion) == ((0, 2, 4), (2, 64), "f32", "f16->f32")
     assert ds.stride == 2 * 64 * 4 and ds.run == 2 * 64 * 2
-    idx = build_index(str(tmp_path / "g"), "gguf:Q4_K", H=256, I=512, E=2) if os.makedirs(tmp_path / "g") is None else None
+    (tmp_path / "g").mkdir()
+    idx = build_index(str(tmp_path / "g"), "gguf:Q4_K", H=256, I=512, E=2)
     p = plan(idx, [0, 1], "tp")
     dw = next(a for a in p.segments[1].arrays if a.proj == "down")
     # down [H, I] in weights, Q4_K blocks of 256 weights / 144 bytes: columns [256, 512)
