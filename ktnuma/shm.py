@@ -26,9 +26,16 @@ MODE = 0o600
 NAME_RE = re.compile(r"^ktnuma\.([0-9a-f]+)\.L(\d+)\.n(\d+)$")
 
 
+RUN_ID_PREFIX_ENV = "KTNUMA_RUN_ID_PREFIX"  # tests: hex prefix that tags one test session's runs
+
+
 def new_run_id() -> str:
-    """An unguessable run id (16 hex digits)."""
-    return secrets.token_hex(8)
+    """An unguessable run id (16 random hex digits, after an optional hex prefix from the
+    environment that test sessions use to recognise their own segments)."""
+    prefix = os.environ.get(RUN_ID_PREFIX_ENV, "")
+    if prefix and not all(c in "0123456789abcdef" for c in prefix):
+        prefix = ""
+    return prefix + secrets.token_hex(8)
 
 
 def segment_name(run_id: str, layer: int, node: int) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +12,31 @@ import pytest
 SHM = "/dev/shm"
 REPO = Path(__file__).resolve().parent.parent
 
+# Every run id made by this session (in-process or in child processes, which inherit the
+# environment) starts with this hex tag, so the leak check never touches segments of another
+# pytest session running at the same time on this machine.
+SESSION_TAG = os.environ.get("KTNUMA_RUN_ID_PREFIX") or secrets.token_hex(3)
+os.environ["KTNUMA_RUN_ID_PREFIX"] = SESSION_TAG
+PREFIX = f"ktnuma.{SESSION_TAG}"
+
 
 def _ktnuma_segments() -> set[str]:
     try:
-        return {n for n in os.listdir(SHM) if n.startswith("ktnuma.")}
+        return {n for n in os.listdir(SHM) if n.startswith(PREFIX)}
     except FileNotFoundError:
         return set()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left = _ktnuma_segments()
+    for name in left:
+        try:
+            os.unlink(os.path.join(SHM, name))
+        except FileNotFoundError:
+            pass
+    if left:
+        print(f"\nktnuma: the test session left {len(left)} segment(s) in {SHM} (removed): {sorted(left)[:5]}")
+        session.exitstatus = 1
 
 
 @pytest.fixture(autouse=True)
