@@ -49,7 +49,7 @@ def bf16_to_f32(bits: Any) -> torch.Tensor:
         return bits.float()
     a = _np(bits)
     if a.dtype.itemsize != 2:
-        raise TypeError(f"bf16 bits must be 2-byte elements, not {a.dtype}")
+        a = a.view(np.uint8)  # raw bytes (e.g. a staged array mapped as u8)
     return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16).float()
 
 
@@ -73,6 +73,12 @@ def _pack_nibbles(nib: np.ndarray) -> np.ndarray:
     return (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(np.uint8)
 
 
+def _f32(a: Any) -> np.ndarray:
+    """Float scales: f16/f32 values, or raw f32 bytes given as u8."""
+    x = _np(a)
+    return x.view(np.float32) if x.dtype == np.uint8 else x.astype(np.float32)
+
+
 def _group_expand(scale: torch.Tensor, axis: int, size: int) -> torch.Tensor:
     rep = size // scale.shape[axis]
     return scale.repeat_interleave(rep, dim=axis)
@@ -87,7 +93,7 @@ def _deq_bf16(w: Any, s: Any, n: int, k: int, gs: int | None, gt: str | None) ->
 
 def _deq_fp8(w: Any, s: Any, n: int, k: int, gs: int | None, gt: str | None) -> torch.Tensor:
     q = torch.from_numpy(_np(w).view(np.uint8).reshape(n, k).copy()).view(torch.float8_e4m3fn).float()
-    sc = torch.from_numpy(_np(s).astype(np.float32))
+    sc = torch.from_numpy(_f32(s))
     if sc.ndim == 1 or (sc.ndim == 2 and sc.shape == (n, 1)):  # per channel
         return q * sc.reshape(n, 1)
     bs = gs or FP8_BLOCK
@@ -100,7 +106,7 @@ def _deq_gptq(w: Any, s: Any, n: int, k: int, gs: int | None, gt: str | None) ->
     shifts = (np.arange(8, dtype=np.uint32) * 4).reshape(1, 8, 1)
     nib = ((words[:, None, :] >> shifts) & 0xF).reshape(k, n)  # k = 8*row + i
     q = torch.from_numpy(nib.astype(np.float32) - 8.0)
-    sc = torch.from_numpy(_np(s).astype(np.float32).reshape(k // gs, n))  # type: ignore[operator]
+    sc = torch.from_numpy(_f32(s).reshape(k // gs, n))  # type: ignore[operator]
     return (q * _group_expand(sc, 0, k)).T.contiguous()
 
 

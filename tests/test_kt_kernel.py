@@ -4,12 +4,13 @@ Shapes are the smallest engine-facts.md reports working (2 threads, a handful of
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
-pytest.importorskip("kt_kernel")
 torch = pytest.importorskip("torch")
 
 from ktnuma import reference as R  # noqa: E402
@@ -36,7 +37,16 @@ _layer_ids = iter(range(10_000))
 
 @pytest.fixture(scope="module")
 def cpu():
+    pytest.importorskip("kt_kernel")  # engine tests only; the tables and limits need no engine
     return K.make_cpuinfer(threads=2)
+
+
+def test_importing_the_integration_loads_no_engine_and_no_torch():
+    code = ("import sys, ktnuma.integrations.kt_kernel as K; "
+            "K.backend_for('fp8', hidden=128, intermediate=256, num_experts=4, experts_per_tok=2).split(2); "
+            "print(sorted(m for m in ('torch', 'kt_kernel', 'gguf', 'safetensors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
 
 
 def _spec(fmt: str) -> K.EngineSpec:
@@ -226,3 +236,14 @@ def test_bad_arrays_are_refused(cpu):
     with pytest.raises(BadInput, match="1 zero"):
         K.build_moe(cpu, spec, tables, mode="pointers", layer_idx=next(_layer_ids))
     del keep
+
+
+@pytest.mark.parametrize("fmt", ["rawint4", "gguf:Q4_K"])
+def test_self_check_passes_on_good_weights_and_catches_bad_ones(cpu, fmt):
+    spec = _spec(fmt)
+    arrays, _ = _layer(spec, seed=8)
+    moe = _build(cpu, spec, arrays)
+    assert K.self_check(moe, cpu, arrays) < spec.tolerance
+    wrong, _ = _layer(spec, seed=9)  # the reference computed from other weights
+    with pytest.raises(BadInput, match="disagrees with the torch reference"):
+        K.self_check(moe, cpu, wrong)

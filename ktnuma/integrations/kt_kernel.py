@@ -503,3 +503,45 @@ def forward(moe: LoadedMoE, cpuinfer: Any, x_bf16: Any, ids: Any, weights: Any, 
     cpuinfer.sync()
     return out
 
+
+
+def self_check(
+    moe: LoadedMoE,
+    cpuinfer: Any,
+    arrays: Mapping[tuple[str, str], Any],
+    *,
+    tokens: int = 12,
+    seed: int = 0,
+) -> float:
+    """Run `moe` on random tokens and compare with the torch reference computed from `arrays`
+    (the stacked [E, ...] arrays it was built from, e.g. staged views). Returns the relative L1
+    error; raises BadInput when it exceeds the backend's tolerance. Imports torch (engine side)."""
+    import numpy as np
+    import torch
+
+    from .. import reference as R
+
+    spec = moe.spec
+    rng = np.random.default_rng(seed)
+    q = min(int(tokens), spec.max_len)
+    x = torch.from_numpy(rng.standard_normal((q, spec.hidden), dtype=np.float32)).to(torch.bfloat16)
+    ids = np.stack([rng.permutation(spec.num_experts)[: spec.experts_per_tok] for _ in range(q)]).astype(np.int64)
+    w = rng.random((q, spec.experts_per_tok), dtype=np.float32)
+    out = forward(moe, cpuinfer, x, ids, w)
+    used = sorted(set(ids.ravel().tolist()))
+    deq: dict[str, dict[int, Any]] = {p: {} for p in PROJS}
+    for proj in PROJS:
+        n, k = spec._nk(proj)
+        wt, sc = arrays[(proj, "weight")], arrays.get((proj, "scale"))
+        for e in used:
+            deq[proj][e] = R.dequantize(spec.format, wt[e], None if sc is None else sc[e], n=n, k=k,
+                                        group_size=spec.group_size)
+    ref = R.moe_forward(x, ids, w, deq["gate"], deq["up"], deq["down"])
+    err = R.rel_l1(out, ref)
+    log.info("self-check %s layer_idx=%d: rel L1 %.4f", spec.engine_class, moe.layer_idx, err)
+    if not err < spec.tolerance:
+        raise BadInput(
+            f"kt-kernel {spec.engine_class} ({spec.format}) disagrees with the torch reference: "
+            f"relative L1 {err:.4f} >= {spec.tolerance}"
+        )
+    return err
