@@ -247,3 +247,11 @@ def test_self_check_passes_on_good_weights_and_catches_bad_ones(cpu, fmt):
     wrong, _ = _layer(spec, seed=9)  # the reference computed from other weights
     with pytest.raises(BadInput, match="disagrees with the torch reference"):
         K.self_check(moe, cpu, wrong)
+
+
+def test_merge_node_rows_for_ep():
+    assert K.merge_node_rows([[11, 12, 0, 0], [0, 0, 23, 24]]) == [11, 12, 23, 24]
+    with pytest.raises(BadInput, match="expert 2 is held by 0 nodes"):
+        K.merge_node_rows([[11, 12, 0, 0], [0, 0, 0, 24]])
+    with pytest.raises(BadInput, match="expert 0 is held by 2 nodes"):
+        K.merge_node_rows([[11, 12, 0, 0], [5, 0, 23, 24]])

@@ -347,6 +347,23 @@ class LoadedMoE:
     in_place: bool  # the engine reads `keep`'s memory during forward
 
 
+def merge_node_rows(rows: Sequence[Sequence[int]], what: str = "pointers") -> list[int]:
+    """`ep` split: `Attached.pointers(...)` gives one row per node with 0 where the node holds no
+    piece of expert e; the engine takes one row. Each expert must be held by exactly one node."""
+    if not rows:
+        raise BadInput(f"kt-kernel: {what}: no node rows")
+    n_exp = len(rows[0])
+    if any(len(r) != n_exp for r in rows):
+        raise BadInput(f"kt-kernel: {what}: node rows of different lengths {[len(r) for r in rows]}")
+    merged: list[int] = []
+    for e in range(n_exp):
+        held = [int(r[e]) for r in rows if int(r[e]) != 0]
+        if len(held) != 1:
+            raise BadInput(f"kt-kernel: {what}: expert {e} is held by {len(held)} nodes (ep needs exactly one)")
+        merged.append(held[0])
+    return merged
+
+
 def _addr_nbytes(obj: Any) -> tuple[int, int]:
     """Address and byte length of a C-contiguous numpy array / torch tensor / buffer."""
     if hasattr(obj, "data_ptr") and hasattr(obj, "element_size"):  # torch
