@@ -13,6 +13,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from math import prod
+from pathlib import Path
 
 from ktnuma.formats.dtypes import SAFETENSORS_DTYPES
 
@@ -53,16 +54,20 @@ def header_bytes(tensors: Sequence[StTensor], metadata: dict[str, str] | None = 
 def _as_bytes(name: str, data: object, nbytes: int) -> memoryview:
     view = memoryview(data).cast("B")  # type: ignore[arg-type]
     if view.nbytes != nbytes:
-        raise ValueError(f"{name}: producer gave {view.nbytes} bytes, expected {nbytes}")
+        raise ValueError(f"{name}: producer gave {view.nbytes} bytes, expected {nbytes} bytes")
     return view
 
 
 def write_safetensors(path: str | os.PathLike[str], tensors: Sequence[StTensor],
                       metadata: dict[str, str] | None = None) -> int:
-    """Write `tensors` to `path`; returns the file size in bytes."""
+    """Write `tensors` to `path`; returns the file size in bytes. On error no file is left."""
     head = header_bytes(tensors, metadata)
-    with open(path, "wb") as f:
-        f.write(head)
-        for t in tensors:
-            f.write(_as_bytes(t.name, t.data(), t.nbytes))
-        return f.tell()
+    try:
+        with open(path, "wb") as f:
+            f.write(head)
+            for t in tensors:
+                f.write(_as_bytes(t.name, t.data(), t.nbytes))
+            return f.tell()
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
