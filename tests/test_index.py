@@ -1,0 +1,226 @@
+"""The model index on synth checkpoints of every format: exactly the routed experts, byte-exact extents."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from ktnuma import errors as E
+from ktnuma.experts import index_model, parse_layers
+from ktnuma.synth import FORMAT_NAMES, write_model
+
+CASES = [(f, None) for f in FORMAT_NAMES] + [
+    ("bf16", "mixtral"), ("bf16", "mistral"), ("bf16", "qwen-packed"), ("fp8", "mixtral"),
+    ("gptq-int4", "mixtral"), ("rawint4", "mistral"),
+]
+
+
+def _source_bytes(path: str, name: str) -> bytes:
+    if path.endswith(".gguf"):
+        from gguf import GGUFReader
+
+        r = GGUFReader(path)
+        t = next(t for t in r.tensors if t.name == name)
+        return np.asarray(t.data).tobytes()
+    with safe_open(path, "pt") as f:
+        return f.get_tensor(name).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {c: write_model(root / f"{c[0].replace(':', '_')}-{c[1]}", c[0], naming=c[1], seed=7) for c in CASES}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_index_finds_exactly_the_routed_experts_byte_exact(models, case):
+    info = models[case]
+    idx = index_model(info.path)
+    assert idx.config.layers == tuple(info.moe_layers)
+    found = {name for g in idx.groups for name in g.tensors}
+    assert found == set(info.staged), (sorted(found ^ set(info.staged))[:5])
+    cfg = idx.config.as_manifest()
+    for k, v in info.manifest_config.items():
+        assert cfg[k] == v, (k, cfg[k], v)
+    # every piece's raw bytes equal what the reference library returns for that tensor (or expert slice)
+    cache: dict[str, bytes] = {}
+    for g in idx.groups:
+        for k in range(g.count):
+            name = g.tensors[k]
+            path = idx.files[g.files[k]].path
+            src = cache.get(name) or cache.setdefault(name, _source_bytes(path, name))
+            with open(path, "rb") as f:
+                f.seek(g.offsets[k])
+                got = f.read(g.nbytes)
+            if len(src) == g.nbytes:
+                assert got == src, (name, k)
+            else:  # stacked: expert k's piece (packed gate_up: gate then up halves)
+                assert got in (src[k * g.nbytes:(k + 1) * g.nbytes],
+                               src[2 * k * g.nbytes:(2 * k + 1) * g.nbytes],
+                               src[(2 * k + 1) * g.nbytes:(2 * k + 2) * g.nbytes]), (name, k)
+                half = src[2 * k * g.nbytes:(2 * k + 2) * g.nbytes]
+                if g.tensors[0].endswith("gate_up_proj"):
+                    assert got == (half[:g.nbytes] if g.proj == "gate" else half[g.nbytes:])
+                else:
+                    assert got == src[k * g.nbytes:(k + 1) * g.nbytes]
+
+
+def test_mtp_layer_skipped_unless_named(models):
+    info = models[("bf16", None)]
+    assert info.mtp_layer is not None
+    idx = index_model(info.path)
+    assert info.mtp_layer not in idx.config.layers and info.mtp_layer in idx.all_layers
+    idx2 = index_model(info.path, layers=f"{info.mtp_layer}")
+    assert idx2.config.layers == (info.mtp_layer,)
+    assert {g.layer for g in idx2.groups} == {info.mtp_layer}
+
+
+def test_layers_out_of_range(models):
+    with pytest.raises(E.BadInput, match="layer\\(s\\) 99 have no routed experts"):
+        index_model(models[("bf16", None)].path, layers="99")
+    assert parse_layers("1-3,7") == (1, 2, 3, 7)
+    with pytest.raises(E.BadInput):
+        parse_layers("3-1")
+
+
+def test_deepseek_dense_intermediate_size_not_taken(models):
+    info = models[("bf16", None)]
+    cfg = json.load(open(os.path.join(info.path, "config.json")))
+    assert cfg["intermediate_size"] != cfg["moe_intermediate_size"]
+    assert index_model(info.path).config.moe_intermediate_size == cfg["moe_intermediate_size"]
+
+
+def test_mixtral_intermediate_size_is_expert_size(models):
+    info = models[("bf16", "mixtral")]
+    cfg = json.load(open(os.path.join(info.path, "config.json")))
+    assert "moe_intermediate_size" not in cfg
+    assert index_model(info.path).config.moe_intermediate_size == cfg["intermediate_size"]
+
+
+def test_qwen_config_nested_in_text_config(models):
+    info = models[("bf16", "qwen-packed")]
+    cfg = json.load(open(os.path.join(info.path, "config.json")))
+    assert "text_config" in cfg
+    c = index_model(info.path).config
+    assert c.num_experts == cfg["text_config"]["num_experts"]
+    assert c.experts_per_tok == cfg["text_config"]["num_experts_per_tok"]
+
+
+def test_gguf_without_expert_counts_takes_shapes(tmp_path):
+    info = write_model(tmp_path / "g", "gguf:Q8_0", variant="no-expert-counts", experts=6)
+    from gguf import GGUFReader
+
+    keys = set(GGUFReader(info.files[0]).fields)
+    assert not any(k.endswith(".expert_count") for k in keys)
+    c = index_model(info.path).config
+    assert c.num_experts == 6 and c.experts_per_tok is None
+
+
+def test_config_disagreeing_with_shapes(tmp_path, models):
+    src = models[("bf16", None)].path
+    dst = tmp_path / "m"
+    shutil.copytree(src, dst)
+    cfg = json.load(open(dst / "config.json"))
+    cfg["moe_intermediate_size"] += 64
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(E.ConfigMismatch, match="moe_intermediate_size"):
+        index_model(str(dst))
+
+
+def test_multishard_symlinked_hf_cache_layout(tmp_path):
+    info = write_model(tmp_path / "blobs-src", "bf16", shards=2, seed=3)
+    # Hugging Face cache: snapshot dir of symlinks into blobs/
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for i, n in enumerate(sorted(os.listdir(info.path))):
+        shutil.copy(os.path.join(info.path, n), blobs / f"blob{i}")
+        os.symlink(os.path.relpath(blobs / f"blob{i}", snap), snap / n)
+    idx = index_model(str(snap))
+    assert len(idx.files) == 2
+    per_layer_files = {}
+    for g in idx.groups:
+        per_layer_files.setdefault(g.layer, set()).update(g.files)
+    assert any(len(s) == 2 for s in per_layer_files.values()), "one layer's experts should span both files"
+    assert {n for g in idx.groups for n in g.tensors} == set(info.staged)
+    for g in idx.groups[:6]:
+        for k in range(g.count):
+            with open(idx.files[g.files[k]].path, "rb") as f:
+                f.seek(g.offsets[k])
+                assert f.read(g.nbytes) == _source_bytes(idx.files[g.files[k]].path, g.tensors[k])
+
+
+@pytest.mark.parametrize("variant, fmt, words", [
+    ("asym", "rawint4", ["weight_zero_point", "asymmetric"]),
+    ("desc_act", "gptq-int4", ["desc_act=true"]),
+    ("asym", "gptq-int4", ["sym=false"]),
+])
+def test_refused_quantizations(tmp_path, variant, fmt, words):
+    info = write_model(tmp_path / "m", fmt, variant=variant)
+    with pytest.raises(E.UnsupportedQuantization) as ei:
+        index_model(info.path)
+    for w in words:
+        assert w in str(ei.value)
+
+
+def test_missing_expert_and_inconsistent_shapes(tmp_path):
+    from ktnuma.formats.st_write import write_safetensors  # noqa: F401  (exists: synth's writer)
+    import torch
+    from safetensors.torch import save_file
+
+    t = {}
+    for e in range(4):
+        for p, s in (("gate_proj", (32, 64)), ("up_proj", (32, 64)), ("down_proj", (64, 32))):
+            t[f"model.layers.1.mlp.experts.{e}.{p}.weight"] = torch.zeros(s, dtype=torch.bfloat16)
+    d = tmp_path / "missing"
+    d.mkdir()
+    t2 = dict(t)
+    del t2["model.layers.1.mlp.experts.2.up_proj.weight"]
+    save_file(t2, str(d / "model.safetensors"))
+    with pytest.raises(E.ModelError, match="layer 1 is missing up weight of expert 2"):
+        index_model(str(d))
+    d = tmp_path / "shapes"
+    d.mkdir()
+    t3 = dict(t)
+    t3["model.layers.1.mlp.experts.3.gate_proj.weight"] = torch.zeros((16, 64), dtype=torch.bfloat16)
+    save_file(t3, str(d / "model.safetensors"))
+    with pytest.raises(E.FormatError, match="experts must agree") as ei:
+        index_model(str(d))
+    assert "experts.3.gate_proj" in str(ei.value) or "experts.0.gate_proj" in str(ei.value)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "badmagic", "truncated-gguf"])
+def test_inspect_exits_2_one_line(tmp_path, case):
+    target = tmp_path / "m"
+    if case == "empty":
+        target.mkdir()
+    elif case == "badmagic":
+        target.mkdir()
+        (target / "model.gguf").write_bytes(b"GGUX" + bytes(64))
+    elif case == "truncated-gguf":
+        info = write_model(tmp_path / "g", "gguf:Q8_0")
+        target.mkdir()
+        data = open(info.files[0], "rb").read()
+        (target / "model.gguf").write_bytes(data[: len(data) - 5000])
+    r = subprocess.run([sys.executable, "-m", "ktnuma.inspect", str(target)], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert str(target) in lines[0]
+
+
+def test_inspect_json_every_format(models):
+    for case in [("bf16", None), ("gguf:Q4_K", None), ("mxfp4", None)]:
+        info = models[case]
+        r = subprocess.run([sys.executable, "-m", "ktnuma.inspect", info.path, "--json"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        d = json.loads(r.stdout)
+        assert d["config"] == {**d["config"], **info.manifest_config}
+        assert d["expert_bytes"] == info.staged_nbytes
