@@ -16,7 +16,9 @@ def shm_dir(request, tmp_path):
 
 def test_run_id_and_names():
     ids = {shm.new_run_id() for _ in range(100)}
-    assert len(ids) == 100 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+    tag = os.environ.get("KTNUMA_RUN_ID_PREFIX", "")  # the test session's tag (conftest)
+    assert len(ids) == 100 and all(len(i) == 16 + len(tag) and i.startswith(tag) and int(i, 16) >= 0
+                                   for i in ids)
     name = shm.segment_name("00ff", 61, 3)
     assert name == "ktnuma.00ff.L61.n3" and "/" not in name
     assert shm.parse_name(name) == ("00ff", 61, 3)
