@@ -33,6 +33,16 @@ from .plan import Plan, SegmentPlan
 
 log = logging.getLogger(__name__)
 
+
+class SegmentExists(WorkerFailed):
+    """A segment name of this run already existed (someone else's object, or a run-id collision):
+    the run fails without touching it (it is never attached to, resized or unlinked)."""
+
+    def __init__(self, message: str, names: set[str]) -> None:
+        super().__init__(message)
+        self.names = frozenset(names)
+
+
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -225,6 +235,7 @@ class Run:
         self.released: set[int] = set()
         self.attempts: dict[tuple[int, int], int] = {}
         self.created: set[str] = set()  # every segment name a job was sent for
+        self.foreign: set[str] = set()  # names that existed before we tried to create them
         self.procs: dict[int, _Proc] = {}
         self.gen = 0
         self.events: queue.Queue = queue.Queue()
@@ -279,9 +290,9 @@ class Run:
             self.remove_segments()
 
     def remove_segments(self) -> None:
-        for name in sorted(self.created | set(self.segment_names())):
-            shm.unlink(name, self.shm_dir)
-        shm.unlink_run(self.run_id, self.shm_dir)
+        for name in sorted(self.created | set(self.segment_names()) | set(shm.run_segments(self.run_id, self.shm_dir))):
+            if name not in self.foreign:
+                shm.unlink(name, self.shm_dir)
 
     # ------------------------------------------------------------------ workers
     def _spawn(self, node) -> _Proc:
@@ -361,6 +372,13 @@ class Run:
             return
         if op == "error":
             kind, text = msg.get("kind"), msg.get("message", "")
+            if kind == "exists" and p.job is not None:
+                name = p.job[1]
+                self.created.discard(name)
+                self.foreign.add(name)
+                p.job = None
+                raise SegmentExists(f"segment {name} already exists (not created by this run); refusing to "
+                                    "attach to, resize or remove it", self.foreign)
             if kind == "nospace":
                 raise NotEnoughMemory(f"{text}: the shared-memory filesystem "
                                       f"{shm.norm_dir(self.shm_dir)} is full; enlarge it "

@@ -58,7 +58,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--io", choices=("buffered", "direct"), default="buffered",
                    help="source reads: page cache (dropped per layer) or O_DIRECT (not yet: buffered)")
     p.add_argument("--verify", action="store_true",
-                   help="re-read every staged piece from the source and compare bytes before ready")
+                   help="checksum (crc32) every staged piece from the source and from its segment, "
+                        "fail on a difference, record the checksums in the manifest")
     p.add_argument("--retries", type=int, default=2, metavar="N",
                    help="restarts of a dying worker per segment (default 2)")
     p.add_argument("--layers-in-flight", type=int, default=2, metavar="K", help=argparse.SUPPRESS)
@@ -197,39 +198,10 @@ def check_memory(plan, topology, shm_dir: str | None) -> None:
 
 
 def verify(plan, run_id: str, shm_dir: str | None) -> None:
-    """Compare every staged piece with the source bytes read the plan's way (plus conversion)."""
-    from .formats.dtypes import convert
-    from .errors import WorkerFailed
+    """Compare every staged piece with the source (kept for callers; see ktnuma.verify.verify_run)."""
+    from .verify import verify_run
 
-    fds = [os.open(p, os.O_RDONLY) for p in plan.files]
-    try:
-        for s in plan.segments:
-            name = shm.segment_name(run_id, s.layer, s.node)
-            fd = shm.open_segment(name, shm_dir)
-            mm = shm.map_fd(fd, s.size, write=False)
-            try:
-                for a in s.arrays:
-                    for k in range(a.count):
-                        off = a.src_offsets[k]
-                        if a.rows == 1 or a.run == a.src_stride:
-                            src = os.pread(fds[a.files[k]], a.rows * a.run, off)
-                        else:
-                            src = b"".join(os.pread(fds[a.files[k]], a.run, off + r * a.src_stride)
-                                           for r in range(a.rows))
-                        if a.conversion:
-                            out = bytearray(a.stride)
-                            convert(a.conversion, src, memoryview(out))
-                            src = bytes(out)
-                        start = a.offset + k * a.stride
-                        if mm[start:start + a.stride] != src:
-                            raise WorkerFailed(f"--verify: segment {name} layer {a.layer} {a.proj} "
-                                               f"{a.kind} expert {a.first + k} differs from the source")
-            finally:
-                mm.close()
-                os.close(fd)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    verify_run(plan, run_id, shm_dir)
 
 
 # ---------------------------------------------------------------- main
@@ -262,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.path.exists(manifest_path):
         raise BadInput(f"--manifest {manifest_path}: exists; remove it or choose another path")
     published = detached = False
+    protected: frozenset[str] = frozenset()  # pre-existing names this run must never remove
     reporter = Reporter(args.quiet, topology)
     try:
         entry = registry.register(run_id, manifest_path, shm.norm_dir(shm_dir))
@@ -272,9 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                        layers_in_flight=args.layers_in_flight, retries=args.retries, progress=reporter)
         reporter.end()
         try:
+            m = build(index, topology, plan, result, run_id=run_id, shm_dir=shm_dir)
             if args.verify:
-                verify(plan, run_id, shm_dir)
-            publish(build(index, topology, plan, result, run_id=run_id, shm_dir=shm_dir), manifest_path)
+                from .verify import add_to_manifest, verify_run
+
+                add_to_manifest(m, verify_run(plan, run_id, shm_dir))
+            publish(m, manifest_path)
             published = True
             entry = registry.update(entry, state="detached" if args.detach else "held")
         except BaseException:
@@ -295,13 +271,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         sig.ignore()
         log.info("%s: removing run %s", Signals.NAMES.get(sig.got, sig.got), run_id)
         return 0
+    except BaseException as exc:
+        protected = getattr(exc, "names", frozenset())
+        raise
     finally:
         if sig.mode != "cleanup":
             sig.ignore()
         if not detached:
-            shm.unlink_run(run_id, shm_dir)
-            for seg in plan.segments:
-                shm.unlink(shm.segment_name(run_id, seg.layer, seg.node), shm_dir)
+            for name in set(shm.run_segments(run_id, shm_dir)) | {
+                    shm.segment_name(run_id, seg.layer, seg.node) for seg in plan.segments}:
+                if name not in protected:
+                    shm.unlink(name, shm_dir)
             if published:
                 try:
                     os.unlink(manifest_path)

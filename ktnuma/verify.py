@@ -1,0 +1,158 @@
+"""``--verify``: per-piece CRC-32 checksums from the source and from the segment.
+
+`launch --verify` computes, for every staged piece (one expert's slice of one stacked array), the
+CRC-32 (``zlib.crc32``) of the bytes the plan says it must hold -- read from the source files the
+plan's way (contiguous run or strided rows) and converted like the worker converts -- and of the
+bytes actually in the segment; any difference fails the run (exit 4). The checksums are recorded
+in the manifest as an optional key of each ``arrays`` record::
+
+    "crc32": [crc of expert first, crc of expert first+1, ...]   # one int per piece, `count` long
+
+plus ``"checksum": "crc32"`` at the top level. An engine's ``attach(verify=True)`` rechecks them
+with :func:`check` (or :func:`check_manifest`, which maps the segments itself).
+Imports only the standard library (numpy lazily, through the conversions).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from . import shm
+from .errors import WorkerFailed
+
+log = logging.getLogger(__name__)
+
+ALGO = "crc32"
+KEY = "crc32"  # the per-array manifest key
+
+ArrayKey = tuple[int, int, str, str]  # (layer, node, proj, kind)
+
+
+class VerifyFailed(WorkerFailed):
+    """Staged bytes differ from the source (or from the checksums recorded in the manifest)."""
+
+
+def crc(data: Any) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def source_piece(a, k: int, fds: Mapping[int, int]) -> bytes:
+    """The bytes piece ``k`` of ArrayPlan ``a`` must hold: read the plan's way, then converted."""
+    fd = fds[a.files[k]]
+    off = a.src_offsets[k]
+    if a.rows == 1 or a.run == a.src_stride:
+        src = os.pread(fd, a.rows * a.run, off)
+    else:
+        src = b"".join(os.pread(fd, a.run, off + r * a.src_stride) for r in range(a.rows))
+    if len(src) != a.rows * a.run:
+        raise VerifyFailed(f"--verify: source file ended early reading layer {a.layer} {a.proj} {a.kind} "
+                           f"expert {a.first + k} (was it changed?)")
+    if a.conversion:
+        from .formats.dtypes import convert
+
+        out = bytearray(a.stride)
+        convert(a.conversion, src, memoryview(out))
+        return bytes(out)
+    return src
+
+
+def source_checksums(plan) -> dict[ArrayKey, list[int]]:
+    """CRC-32 of every piece of the plan, computed from the source files."""
+    out: dict[ArrayKey, list[int]] = {}
+    fds = {i: os.open(p, os.O_RDONLY | os.O_CLOEXEC) for i, p in enumerate(plan.files)}
+    try:
+        for s in plan.segments:
+            for a in s.arrays:
+                out[(a.layer, a.node, a.proj, a.kind)] = [crc(source_piece(a, k, fds)) for k in range(a.count)]
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return out
+
+
+def buffer_checksums(buf: Any, offset: int, stride: int, count: int) -> list[int]:
+    mv = memoryview(buf)
+    try:
+        return [crc(mv[offset + k * stride:offset + (k + 1) * stride]) for k in range(count)]
+    finally:
+        mv.release()
+
+
+def _map(name: str, size: int, shm_dir: str | None):
+    fd = shm.open_segment(name, shm_dir)
+    try:
+        return shm.map_fd(fd, size, write=False)
+    finally:
+        os.close(fd)
+
+
+def verify_run(plan, run_id: str, shm_dir: str | None) -> dict[ArrayKey, list[int]]:
+    """Checksum every piece from the source and from its segment; raise VerifyFailed on the first
+    difference (naming segment, layer, proj, kind, expert); return the checksums."""
+    sums = source_checksums(plan)
+    for s in plan.segments:
+        name = shm.segment_name(run_id, s.layer, s.node)
+        mm = _map(name, s.size, shm_dir)
+        try:
+            for a in s.arrays:
+                got = buffer_checksums(mm, a.offset, a.stride, a.count)
+                want = sums[(a.layer, a.node, a.proj, a.kind)]
+                for k, (g, w) in enumerate(zip(got, want)):
+                    if g != w:
+                        raise VerifyFailed(f"--verify: segment {name} layer {a.layer} {a.proj} {a.kind} expert "
+                                           f"{a.first + k} differs from the source (crc32 {g:08x}, source {w:08x})")
+        finally:
+            mm.close()
+    log.info("verified %d pieces of run %s against the source", sum(len(v) for v in sums.values()), run_id)
+    return sums
+
+
+def add_to_manifest(manifest: dict, sums: Mapping[ArrayKey, list[int]]) -> dict:
+    """Record the checksums in the manifest's array records (in place; returns it)."""
+    for r in manifest["arrays"]:
+        r[KEY] = list(sums[(r["layer"], r["node"], r["proj"], r["kind"])])
+    manifest["checksum"] = ALGO
+    return manifest
+
+
+def check(manifest: Mapping[str, Any], buffer_of: Callable[[str], Any],
+          arrays: Iterable[Mapping[str, Any]] | None = None) -> int:
+    """Recheck the recorded checksums against the segments (``buffer_of(segment name)`` -> a buffer
+    holding the whole segment). Raises VerifyFailed if the manifest has none or a piece differs;
+    returns the number of pieces checked."""
+    if manifest.get("checksum") != ALGO:
+        raise VerifyFailed(f"manifest of run {manifest.get('run_id')} has no {ALGO} checksums "
+                           "(staged without --verify)")
+    n = 0
+    for r in arrays if arrays is not None else manifest["arrays"]:
+        want = r.get(KEY)
+        if want is None or len(want) != r["experts"][1]:
+            raise VerifyFailed(f"manifest array layer {r['layer']} node {r['node']} {r['proj']} {r['kind']} "
+                               f"has no {KEY} list of {r['experts'][1]} pieces")
+        got = buffer_checksums(buffer_of(r["segment"]), r["offset"], r["stride"], r["experts"][1])
+        for k, (g, w) in enumerate(zip(got, want)):
+            if g != w:
+                raise VerifyFailed(f"segment {r['segment']} layer {r['layer']} {r['proj']} {r['kind']} expert "
+                                   f"{r['experts'][0] + k} does not match its recorded {ALGO} "
+                                   f"({g:08x}, recorded {w:08x}); the segment was modified")
+        n += len(want)
+    return n
+
+
+def check_manifest(manifest_path: str) -> int:
+    """Map every segment of a published manifest read-only and :func:`check` it."""
+    from .manifest import load
+
+    m = load(manifest_path)
+    shm_dir = None if shm.is_posix(m["shm_dir"]) else m["shm_dir"]
+    maps = {}
+    try:
+        for s in m["segments"]:
+            maps[s["name"]] = _map(s["name"], s["size"], shm_dir)
+        return check(m, maps.__getitem__)
+    finally:
+        for mm in maps.values():
+            mm.close()
