@@ -424,7 +424,10 @@ def _verify(path: str, m: dict) -> None:
     expected = manifest_arrays(p, lambda layer, node: shm.segment_name(m["run_id"], layer, node))
     if expected != m["arrays"]:
         raise AttachError(f"{path}: the manifest's arrays do not match a fresh plan of {m['model']['path']}")
-    verify(p, m["run_id"], None if shm.is_posix(m["shm_dir"]) else m["shm_dir"])
+    try:
+        verify(p, m["run_id"], None if shm.is_posix(m["shm_dir"]) else m["shm_dir"])
+    except KtnumaError as exc:
+        raise AttachError(f"{path}: {exc}") from None
 
 
 def attach(manifest_path: str | os.PathLike[str], *, writable: bool = False, verify: bool = False,
@@ -440,3 +443,21 @@ def attach(manifest_path: str | os.PathLike[str], *, writable: bool = False, ver
     if verify:
         _verify(path, m)
     return Attached(path, m, writable=writable)
+
+
+def _make_module_callable(module_name: str, fn_name: str) -> None:
+    """`ktnuma.attach` names both this module and the function: once the module is imported the
+    package attribute is the module, so the module forwards calls to the function."""
+    import sys
+    import types
+
+    mod = sys.modules[module_name]
+
+    class _CallableModule(types.ModuleType):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return getattr(self, fn_name)(*args, **kwargs)
+
+    mod.__class__ = _CallableModule
+
+
+_make_module_callable(__name__, "attach")

@@ -1,0 +1,194 @@
+"""Handoff for engines that copy the weights at load: stage layer by layer from the engine's process.
+
+    with ktnuma.stream("model/", nodes=2, split="tp", prefetch=1, engine=("bf16", "flat")) as layers:
+        for staged in layers:                       # StagedLayer: layer, array, tensor, torch, pointers
+            engines[staged.layer] = build(staged)   # copy (and sync) before asking for the next layer
+
+The coordinator runs in the caller's process (a :class:`ktnuma.coordinator.Run` in stream mode);
+its workers are ``python -m ktnuma.worker`` subprocesses, so the engine's torch never loads into a
+worker. Workers stage up to ``prefetch`` layers ahead of the one the engine holds. Asking for the
+next layer unmaps and unlinks the previous one (its views are invalid afterwards: copy first).
+Leaving the context, normally or by an exception, stops the workers and removes every segment.
+
+Engines that keep reading the source after load (kt-kernel's RAWINT4 in pointer mode, llamafile
+with one subpool) cannot use this: pass ``engine=(backend, mode[, tp])`` and they are refused.
+The run registers itself (state ``staging``) so ``python -m ktnuma.cleanup`` can remove what a
+killed engine leaves behind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from . import shm
+from .attach import ArrayRecord, LayerView, Released, SegmentViews
+from .errors import BadInput, NotEnoughMemory
+
+log = logging.getLogger(__name__)
+
+
+class StagedLayer(LayerView):
+    """One staged layer, valid until the stream moves on: `layer`, `array(proj, kind, node)`,
+    `tensor(expert, proj, kind, node=None)`, `torch(proj, kind, node, expert=None)`,
+    `pointers(proj, kind)`; `seconds` is the staging time of its slowest node."""
+
+    def __init__(self, views: SegmentViews, layer: int, seconds: float) -> None:
+        super().__init__(views, layer)
+        self.seconds = seconds
+        self.released = False
+
+    def _live(self) -> None:
+        if self.released:
+            raise Released(f"layer {self.layer} was released when the stream moved on; copy it before advancing")
+
+    def array(self, proj: str, kind: str, node: int):
+        self._live()
+        return super().array(proj, kind, node)
+
+    def tensor(self, expert: int, proj: str, kind: str, node: int | None = None):
+        self._live()
+        return super().tensor(expert, proj, kind, node)
+
+    def torch(self, proj: str, kind: str, node: int, expert: int | None = None):
+        self._live()
+        return super().torch(proj, kind, node, expert)
+
+    def pointers(self, proj: str, kind: str) -> list[list[int]]:
+        self._live()
+        return super().pointers(proj, kind)
+
+
+class Stream:
+    """What ``with ktnuma.stream(...) as layers`` yields: iterate it once for the StagedLayers.
+    Timing: `staging_seconds` (workers' busy time), `waited_seconds` (time the engine waited for a
+    layer), `layers_done`."""
+
+    def __init__(self, run: Any, views: SegmentViews, seg_sizes: dict[str, int]) -> None:
+        self.run = run
+        self.views = views
+        self.seg_sizes = seg_sizes
+        self.format = views.format
+        self.split = views.split
+        self.config = views.config
+        self.nodes = views.nodes
+        self.layers = views.layers
+        self.waited_seconds = 0.0
+        self.staging_seconds = 0.0
+        self.layers_done = 0
+        self._started = False
+        self._current: StagedLayer | None = None
+
+    def _release(self, staged: StagedLayer) -> None:
+        staged.released = True
+        names = {r.segment for r in staged.records()}
+        self.views.unmap(names)
+        self.run.release_layer(staged.layer)
+
+    def __iter__(self) -> Iterator[StagedLayer]:
+        if self._started:
+            raise BadInput("a stream can be iterated once")
+        self._started = True
+        it = self.run.layers()
+        while True:
+            t0 = time.perf_counter()
+            done = next(it, None)
+            self.waited_seconds += time.perf_counter() - t0
+            if done is None:
+                return
+            for s in done.segments:
+                self.views.map(s.name, self.seg_sizes[s.name])
+            secs = max((s.seconds for s in done.segments), default=0.0)
+            self.staging_seconds += sum(s.seconds for s in done.segments)
+            staged = StagedLayer(self.views, done.layer, secs)
+            self._current = staged
+            yield staged
+            self._release(staged)
+            self._current = None
+            self.layers_done += 1
+
+
+def _refuse_in_place(engine: Any) -> None:
+    if engine is None:
+        return
+    from .integrations.kt_kernel import copies_at_load
+
+    if isinstance(engine, str):
+        engine = (engine, "flat")
+    backend, mode, *rest = engine
+    tp = int(rest[0]) if rest else 1
+    if not copies_at_load(backend, mode, tp):
+        raise BadInput(f"ktnuma.stream: the {backend} engine in {mode} mode (engine tp {tp}) keeps reading the "
+                       "weights after load, and stream releases each layer once it is loaded; stage with "
+                       "`python -m ktnuma.launch` and use ktnuma.attach instead (the segments then outlive the engine)")
+
+
+def _check_window(plan: Any, window: int, shm_dir: str | None) -> None:
+    per_layer = sorted((sum(s.size for s in plan.layer_segments(lyr)) for lyr in plan.layers), reverse=True)
+    need = sum(per_layer[:window])
+    try:
+        free = shm.free_bytes(shm_dir)
+    except FileNotFoundError:
+        raise BadInput(f"shm_dir {shm.norm_dir(shm_dir)}: no such directory") from None
+    if need > free:
+        raise NotEnoughMemory(f"ktnuma.stream: {window} layer(s) in flight need {need} bytes but "
+                              f"{shm.norm_dir(shm_dir)} has {free} free; lower prefetch or enlarge it")
+
+
+@contextmanager
+def stream(model: str | os.PathLike[str], nodes: int | None = None, split: str = "tp",
+           layers: str | Sequence[int] | None = None, shm_dir: str | None = None, topology: str | None = None,
+           prefetch: int = 1, format: str | None = None, engine: Any = None,
+           retries: int = 2) -> Iterator[Stream]:
+    """Stage `model` layer by layer for an engine in this process (see the module doc).
+    `nodes`/`topology`/`split`/`layers`/`shm_dir`/`format`/`retries` mean what they mean for
+    `launch`; `prefetch` is how many layers the workers stage ahead of the one held; `engine`
+    ((backend, mode[, tp]) or a backend name) refuses engines that read in place."""
+    from . import registry
+    from .coordinator import Run
+    from .experts import index_model
+    from .plan import check_split, manifest_arrays, plan as make_plan
+    from .topology import select
+
+    _refuse_in_place(engine)
+    if int(prefetch) < 0:
+        raise BadInput(f"ktnuma.stream: prefetch must be >= 0, got {prefetch}")
+    if split not in ("tp", "ep"):
+        raise BadInput(f"ktnuma.stream: split must be tp or ep, not {split!r}")
+    sdir = None if shm_dir is None or shm.is_posix(shm_dir) else os.path.abspath(shm_dir)
+    if sdir is not None and not os.path.isdir(sdir):
+        raise BadInput(f"ktnuma.stream: shm_dir {sdir}: no such directory")
+    topo = select(nodes, os.fspath(topology) if topology is not None else None)
+    index = index_model(os.fspath(model), format=format, layers=layers)
+    check_split(index, len(topo.nodes), split)
+    plan = make_plan(index, topo, split)
+    window = int(prefetch) + 1
+    _check_window(plan, window, sdir)
+    run_id = shm.new_run_id()
+    records = [ArrayRecord.from_json(r)
+               for r in manifest_arrays(plan, lambda layer, node: shm.segment_name(run_id, layer, node))]
+    views = SegmentViews(records, topo.ids, fmt=index.format, split=split, config=index.config.as_manifest(),
+                         shm_dir=sdir, where=f"stream {run_id}: ")
+    sizes = {shm.segment_name(run_id, s.layer, s.node): s.size for s in plan.segments}
+    entry = registry.register(run_id, os.path.join(registry.registry_dir(), f"{run_id}.stream"), shm.norm_dir(sdir))
+    try:
+        with Run(plan, topo, run_id=run_id, shm_dir=sdir, layers_in_flight=window, retries=retries,
+                 stream=True) as run:
+            st = Stream(run, views, sizes)
+            log.info("stream %s: %s %s over %d node(s), %d layer(s), prefetch %d", run_id, index.format, split,
+                     len(topo.nodes), len(plan.layers), prefetch)
+            yield st
+    finally:
+        views.close()
+        shm.unlink_run(run_id, sdir)
+        for name in sizes:
+            shm.unlink(name, sdir)
+        registry.remove(entry.run_id)
+
+
+from .attach import _make_module_callable  # noqa: E402
+
+_make_module_callable(__name__, "stream")  # `ktnuma.stream(...)` works after `import ktnuma.stream` too
