@@ -63,6 +63,53 @@ def read_full(fd: int, dst: memoryview, offset: int, path: str) -> None:
         offset += n
 
 
+def write_full(fd: int, src: memoryview, offset: int) -> None:
+    while len(src):
+        n = os.pwritev(fd, [src], offset)
+        src = src[n:]
+        offset += n
+
+
+MADV_POPULATE_READ = 22  # Linux 5.14+: map the segment's pages without touching them one by one
+
+
+def populate(mm) -> None:
+    """Map the (already written) pages of ``mm`` so move_pages can see them; best effort."""
+    try:
+        mm.madvise(MADV_POPULATE_READ)
+    except OSError:  # older kernel: fault them in, one read per page
+        for i in range(0, len(mm), numa.PAGE_SIZE):
+            mm[i]
+
+
+def page_placement(addr: int, size: int) -> dict[str, int]:
+    """numa.placement with C-level page/status arrays (the per-page Python work dominated it)."""
+    import ctypes
+    from array import array
+
+    page = numa.PAGE_SIZE
+    start = addr - addr % page
+    n = (addr + size - start + page - 1) // page
+    if n <= 0:
+        return {}
+    try:
+        pages = array("Q", range(start, start + n * page, page))
+        status = array("i", bytes(4 * n))
+        pa, _ = pages.buffer_info()
+        sa, _ = status.buffer_info()
+        rc = numa._lib().move_pages(0, n, ctypes.cast(pa, ctypes.POINTER(ctypes.c_void_p)), None,
+                                    ctypes.cast(sa, ctypes.POINTER(ctypes.c_int)), 0)
+    except (ctypes.ArgumentError, AttributeError, TypeError):
+        return numa.placement(addr, size)
+    if rc != 0:
+        return numa.placement(addr, size)  # raises with the errno
+    out = {str(k): status.count(k) for k in sorted(set(status)) if k >= 0}
+    absent = n - sum(out.values())
+    if absent:
+        out["absent"] = absent
+    return out
+
+
 class Worker:
     def __init__(self, node: int, real_node: int, cpus: list[int], threads: int) -> None:
         self.node = node
@@ -76,6 +123,11 @@ class Worker:
         self.local = threading.local()
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads)) if threads > 1 else None
         self.unfinished: list[str] = []  # segments created by the current job
+        self.lock = threading.Lock()
+        self.job_id = 0  # the current job's number, its segment's name and fds
+        self.job_name = ""
+        self.job_fd = -1
+        self.job_fds: list[int] = []  # pool threads' own fds of the current segment
         fault = os.environ.get(FAULT_ENV, "")
         self.fault = tuple(int(x) for x in fault.split(":")) if fault else None
         self.delay = float(os.environ.get(DELAY_ENV) or 0)
@@ -98,21 +150,41 @@ class Worker:
             raise ParentGone()
 
     # ------------------------------------------------------------------ operations
+    def seg_fd(self) -> int:
+        """This thread's own fd of the current job's segment (sendfile writes at the fd's position)."""
+        if threading.current_thread() is threading.main_thread():
+            return self.job_fd
+        job, fd = getattr(self.local, "seg", (None, -1))
+        if job != self.job_id:
+            fd = shm.open_segment(self.job_name, self.shm_dir, write=True)
+            with self.lock:
+                self.job_fds.append(fd)
+            self.local.seg = (self.job_id, fd)
+        return fd
+
     def op_copy(self, view: memoryview, fi: int, off: int, dest: int, length: int) -> None:
+        """Kernel copy page cache -> segment (sendfile): no user copy, no zero-fill of the pages."""
         self.check()
-        dst = view[dest:dest + length]
-        try:
-            read_full(self.fd(fi), dst, off, self.files[fi])
-        finally:
-            dst.release()
+        src, out = self.fd(fi), self.seg_fd()
+        os.lseek(out, dest, os.SEEK_SET)
+        while length:
+            n = os.sendfile(out, src, off, length)
+            if n <= 0:
+                raise InputError(f"{self.files[fi]}: unexpected end of file at byte {off} "
+                                 f"({length} bytes still expected); was the file changed?")
+            off += n
+            length -= n
 
     def op_gather(self, view: memoryview, fi: int, off: int, dest: int, rows: int, run: int,
                   src_stride: int, conversion: str | None, ratio: int) -> None:
-        """Rows of ``run`` bytes ``src_stride`` apart (then converted) -> contiguous at dest."""
+        """Rows of ``run`` bytes ``src_stride`` apart (then converted) -> contiguous at dest.
+
+        The source span is read into a per-thread bounce buffer, packed (and converted) there and
+        written into the segment with pwrite (full pages: no zero-fill, no page faults)."""
         import numpy as np
         from numpy.lib.stride_tricks import as_strided
 
-        fd, path = self.fd(fi), self.files[fi]
+        fd, path, out = self.fd(fi), self.files[fi], self.seg_fd()
         per = max(1, BOUNCE_MAX // max(src_stride, 1)) if rows > 1 else 1
         out_run = run * ratio
         r = 0
@@ -121,32 +193,25 @@ class Worker:
             n = min(per, rows - r)
             span = (n - 1) * src_stride + run
             contiguous = n == 1 or run == src_stride
-            src = self.bounce(span + (0 if contiguous or conversion is None else n * run))
-            read_full(fd, src[:span], off + r * src_stride, path)
-            dst = view[dest + r * out_run:dest + (r + n) * out_run]
-            try:
-                if contiguous:
-                    packed = src[:span]
-                else:
-                    a = as_strided(np.frombuffer(src, np.uint8, count=span), shape=(n, run),
-                                   strides=(src_stride, 1))
-                    if conversion is None:
-                        np.copyto(np.frombuffer(dst, np.uint8).reshape(n, run), a)
-                        packed = None
-                    else:
-                        packed = src[span:span + n * run]
-                        np.copyto(np.frombuffer(packed, np.uint8).reshape(n, run), a)
-                    del a
-                if packed is not None:
-                    if conversion is None:
-                        dst[:] = packed
-                    else:
-                        from .formats.dtypes import convert
+            packed_at = span
+            conv_at = packed_at + (0 if contiguous else n * run)
+            buf = self.bounce(conv_at + (n * out_run if conversion else 0))
+            src = buf[:span]
+            read_full(fd, src, off + r * src_stride, path)
+            if contiguous:
+                packed = src
+            else:
+                packed = buf[packed_at:conv_at]
+                a = as_strided(np.frombuffer(src, np.uint8), shape=(n, run), strides=(src_stride, 1))
+                np.copyto(np.frombuffer(packed, np.uint8).reshape(n, run), a)
+                del a
+            if conversion is not None:
+                from .formats.dtypes import convert
 
-                        convert(conversion, packed, dst)
-                    packed = None
-            finally:
-                dst.release()
+                converted = buf[conv_at:conv_at + n * out_run]
+                convert(conversion, packed, converted)
+                packed = converted
+            write_full(out, packed, dest + r * out_run)
             r += n
 
     def plan_ops(self, arrays: list[dict]) -> list[tuple]:
@@ -217,6 +282,8 @@ class Worker:
             numa.mbind(addr, size, self.real_node)
             os.posix_fallocate(fd, 0, size)
             view = memoryview(mm)
+            self.job_id += 1
+            self.job_name, self.job_fd = name, fd
             ops = self.plan_ops(msg["arrays"])
             fault_at = None
             if self.fault and self.fault[:2] == (msg["layer"], msg["node"]) \
@@ -227,7 +294,8 @@ class Worker:
             while time.monotonic() < end:
                 self.check()
                 time.sleep(0.01)
-            placement = numa.placement(addr, size)
+            populate(mm)
+            placement = page_placement(addr, size)
             view.release()
             view = None
             mm.close()
@@ -260,6 +328,11 @@ class Worker:
                     mm.close()
                 except BufferError:  # pragma: no cover - a leaked view; the unlink below still runs
                     pass
+            with self.lock:
+                fds, self.job_fds = self.job_fds, []
+            for f in fds:
+                os.close(f)
+            self.job_fd = -1
             if fd >= 0:
                 os.close(fd)
             self.drop_unfinished()
