@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 
 from . import cli, registry, shm
-from .errors import BadInput, Interrupted, NotEnoughMemory
+from .errors import BadInput, Interrupted, NotEnoughMemory, SplitError
 
 log = logging.getLogger("ktnuma.launch")
 
@@ -223,7 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     topology = select(args.nodes, args.topology, simulate=not args.no_simulate)
     index = index_model(args.model, format=args.format, layers=args.layers)
-    check_split(index, len(topology.nodes), args.split)
+    try:
+        check_split(index, len(topology.nodes), args.split)
+    except SplitError as exc:  # name the model: the planner's message has the numbers and the way out
+        raise SplitError(f"{os.path.abspath(index.root)}: {exc}") from None
     plan = make_plan(index, topology, args.split)
     check_memory(plan, topology, shm_dir)
 
