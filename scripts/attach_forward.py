@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     threads = a.threads or len(os.sched_getaffinity(0))
     result: dict = {"manifest": os.path.abspath(a.manifest), "format": att.format, "split": att.split,
                     "nodes": list(att.nodes), "attach_s": round(t_attach, 6), "layers": []}
+    saved = os.dup(1)
+    sys.stdout.flush()
+    os.dup2(2, 1)  # kt-kernel's C++ chatter goes to stderr; stdout carries the result only
     try:
         with att:
             t0 = time.perf_counter()
@@ -64,9 +67,18 @@ def main(argv: list[str] | None = None) -> int:
                                          "build_s": round(t_b, 6), "forward_s": round(t_f, 6),
                                          "rel_l1": round(err, 6), "copied_bytes": eng.copied})
             result.update(cpuinfer_s=round(t_cpu, 6), build_s=round(t_build, 6), threads=threads)
+            engines.clear()
+            eng = cpu = None  # engines and CPUInfer go before the views they may read
     except KtnumaError as exc:
         print(f"attach_forward: {exc}", file=sys.stderr)
         return exc.exit_code
+    finally:
+        import gc
+
+        gc.collect()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
     print(f"attached {result['manifest']} ({att.format}, split {att.split}, nodes {list(att.nodes)}) "
           f"in {1e3 * t_attach:.2f} ms; engines built in {1e3 * result['build_s']:.1f} ms "
           f"(+ {1e3 * t_cpu:.0f} ms CPUInfer, {threads} threads)", file=sys.stderr)
