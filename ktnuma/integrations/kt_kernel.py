@@ -643,6 +643,17 @@ class LayerEngines:
     def in_place(self) -> bool:
         return any(m.in_place for m in self.parts)
 
+    def release_sources(self) -> None:
+        """Drop every reference to the staged views (the reference arrays, and the engines' own
+        `keep` when they copied at load), so a stream can unmap the layer when it moves on.
+        Refused for engines that read the staged memory in place."""
+        if self.in_place:
+            raise BadInput(f"kt-kernel {self.spec.engine_class}: the engine reads the staged memory in place; "
+                           "its sources must outlive it")
+        self.sources = ()
+        for m in self.parts:
+            m.keep = ()
+
 
 def engines_for_layer(
     view: Any,
