@@ -4,12 +4,15 @@
 CRC-32 (``zlib.crc32``) of the bytes the plan says it must hold -- read from the source files the
 plan's way (contiguous run or strided rows) and converted like the worker converts -- and of the
 bytes actually in the segment; any difference fails the run (exit 4). The checksums are recorded
-in the manifest as an optional key of each ``arrays`` record::
+in the manifest as one optional top-level key, parallel to ``arrays`` (the array records stay exactly
+what the planner writes, so a re-plan still compares equal)::
 
-    "crc32": [crc of expert first, crc of expert first+1, ...]   # one int per piece, `count` long
+    "checksums": {"algo": "crc32",
+                  "arrays": [[crc of expert first, crc of first+1, ...]   # arrays[0]: `count` ints
+                             , ...]}                                      # one list per arrays record
 
-plus ``"checksum": "crc32"`` at the top level. An engine's ``attach(verify=True)`` rechecks them
-with :func:`check` (or :func:`check_manifest`, which maps the segments itself).
+An engine's ``attach(verify=True)`` rechecks them with :func:`check` (or :func:`check_manifest`,
+which maps the segments itself) -- no source re-read needed.
 Imports only the standard library (numpy lazily, through the conversions).
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .errors import WorkerFailed
 log = logging.getLogger(__name__)
 
 ALGO = "crc32"
-KEY = "crc32"  # the per-array manifest key
+KEY = "checksums"  # the optional top-level manifest key
 
 ArrayKey = tuple[int, int, str, str]  # (layer, node, proj, kind)
 
@@ -111,25 +114,36 @@ def verify_run(plan, run_id: str, shm_dir: str | None) -> dict[ArrayKey, list[in
 
 
 def add_to_manifest(manifest: dict, sums: Mapping[ArrayKey, list[int]]) -> dict:
-    """Record the checksums in the manifest's array records (in place; returns it)."""
-    for r in manifest["arrays"]:
-        r[KEY] = list(sums[(r["layer"], r["node"], r["proj"], r["kind"])])
-    manifest["checksum"] = ALGO
+    """Record the checksums in the manifest, parallel to its array records (in place; returns it)."""
+    manifest[KEY] = {"algo": ALGO, "arrays": [list(sums[(r["layer"], r["node"], r["proj"], r["kind"])])
+                                              for r in manifest["arrays"]]}
     return manifest
 
 
+def recorded(manifest: Mapping[str, Any]) -> list[list[int]] | None:
+    """The manifest's per-array checksum lists (None if it was staged without --verify)."""
+    c = manifest.get(KEY)
+    if not isinstance(c, dict) or c.get("algo") != ALGO or not isinstance(c.get("arrays"), list) \
+            or len(c["arrays"]) != len(manifest["arrays"]):
+        return None
+    return c["arrays"]
+
+
 def check(manifest: Mapping[str, Any], buffer_of: Callable[[str], Any],
-          arrays: Iterable[Mapping[str, Any]] | None = None) -> int:
+          layers: Iterable[int] | None = None) -> int:
     """Recheck the recorded checksums against the segments (``buffer_of(segment name)`` -> a buffer
-    holding the whole segment). Raises VerifyFailed if the manifest has none or a piece differs;
-    returns the number of pieces checked."""
-    if manifest.get("checksum") != ALGO:
+    holding the whole segment), optionally only of some layers. Raises VerifyFailed if the manifest
+    has none or a piece differs; returns the number of pieces checked."""
+    sums = recorded(manifest)
+    if sums is None:
         raise VerifyFailed(f"manifest of run {manifest.get('run_id')} has no {ALGO} checksums "
                            "(staged without --verify)")
+    only = None if layers is None else set(layers)
     n = 0
-    for r in arrays if arrays is not None else manifest["arrays"]:
-        want = r.get(KEY)
-        if want is None or len(want) != r["experts"][1]:
+    for r, want in zip(manifest["arrays"], sums):
+        if only is not None and r["layer"] not in only:
+            continue
+        if not isinstance(want, list) or len(want) != r["experts"][1]:
             raise VerifyFailed(f"manifest array layer {r['layer']} node {r['node']} {r['proj']} {r['kind']} "
                                f"has no {KEY} list of {r['experts'][1]} pieces")
         got = buffer_checksums(buffer_of(r["segment"]), r["offset"], r["stride"], r["experts"][1])
