@@ -1,0 +1,36 @@
+"""The benchmark runs end to end on a small model (every case, warm and cold) and reports sane numbers."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_raw_bound_imports_only_the_standard_library():
+    src = open(os.path.join(ROOT, "scripts", "raw_bound.py")).read()
+    imports = {l.split()[1].split(".")[0] for l in src.splitlines() if l.startswith(("import ", "from "))}
+    assert imports <= {"json", "mmap", "os", "subprocess", "sys", "time"}, imports
+
+
+def test_quick_bench_json(tmp_path):
+    pytest.importorskip("kt_kernel")
+    r = subprocess.run([sys.executable, "-m", "ktnuma.bench", "--quick", "--json", "--cache", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["errors"] == {}
+    assert s["bytes"] > 0
+    for mode in ("warm", "cold"):
+        rows = s["modes"][mode]
+        assert set(rows) == {"raw", "ep", "tp", "upstream", "stream", "attach"}
+        for case, row in rows.items():
+            assert row["seconds"] > 0 and row["gbps"] > 0, (mode, case, row)
+            assert row["peak"] > 0, (mode, case)
+            assert 0.0 <= row["cache_left"] <= 1.0
+        # staging holds the staged bytes in shared memory at its peak
+        assert rows["ep"]["peak"] >= s["bytes"], rows["ep"]
+    # nothing of ours is left in /dev/shm
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("ktnuma.raw.")]
