@@ -136,7 +136,7 @@ def b_overlap(sm, t):
         a, b = h[GATE0]["data_offsets"], h[other]["data_offsets"]
         return _set(h, other, data_offsets=[a[0], a[0] + b[1] - b[0]]), data  # same bytes as GATE0
     p = edit_header(d, fn)
-    return d, [], [p, "overlap", "experts.1.gate_proj" if False else "overlap"]
+    return d, [], [p, "overlap", "tensor 'model.layers.1.mlp.experts."]
 
 
 def b_outside(sm, t):
