@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import cli, registry, shm
+from . import cli, distributed, registry, shm
 from .errors import BadInput, Interrupted, NotEnoughMemory, SplitError
 
 log = logging.getLogger("ktnuma.launch")
@@ -66,6 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print a JSON summary line on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log lines on stderr")
+    distributed.add_arguments(p)  # --host-experts, --dist-timeout (under torchrun)
     args = p.parse_args(argv)
     if args.retries < 0:
         p.error(f"--retries must be >= 0, got {args.retries}")
@@ -223,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     topology = select(args.nodes, args.topology, simulate=not args.no_simulate)
     index = index_model(args.model, format=args.format, layers=args.layers)
+    index = distributed.restrict(index)  # under torchrun: this rank's experts only
     try:
         check_split(index, len(topology.nodes), args.split)
     except SplitError as exc:  # name the model: the planner's message has the numbers and the way out
@@ -259,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseException:
             shm.unlink_run(run_id, shm_dir)
             raise
+        distributed.ready(manifest_path, run_id)  # under torchrun: every rank ok, or exit non-zero
         s = summary(result, topology, manifest_path, index)
         if not args.quiet:
             print(summary_table(s), file=sys.stderr, flush=True)
@@ -294,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry(argv: Sequence[str] | None = None) -> int:
-    return cli.run("launch", main, argv)
+    return cli.run("launch", distributed.wrap(main, parse_args), argv)
 
 
 if __name__ == "__main__":
