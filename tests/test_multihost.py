@@ -20,7 +20,6 @@ import pytest
 
 from conftest import SESSION_TAG
 from ktnuma import distributed as D
-from ktnuma import shm
 from ktnuma.errors import BadInput
 
 REPO = Path(__file__).resolve().parent.parent
