@@ -198,13 +198,6 @@ def check_memory(plan, topology, shm_dir: str | None) -> None:
                 f"or stage fewer --layers")
 
 
-def verify(plan, run_id: str, shm_dir: str | None) -> None:
-    """Compare every staged piece with the source (kept for callers; see ktnuma.verify.verify_run)."""
-    from .verify import verify_run
-
-    verify_run(plan, run_id, shm_dir)
-
-
 # ---------------------------------------------------------------- main
 
 def main(argv: Sequence[str] | None = None) -> int:

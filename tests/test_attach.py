@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 
 import ktnuma  # noqa: E402
 from ktnuma import shm  # noqa: E402
-from ktnuma.attach import AttachError, SegmentMismatch, SegmentMissing, SourceChanged  # noqa: E402
+from ktnuma.attachment import AttachError, SegmentMismatch, SegmentMissing, SourceChanged  # noqa: E402
 from ktnuma.manifest import ManifestError  # noqa: E402
 
 TWO = str(REPO / "configs/topologies/two-node.toml")

@@ -342,7 +342,7 @@ def test_space_vanishing_mid_run_exit_3_no_sigbus(synth_model, run_registry, tmp
 
 def _attach():
     try:
-        from ktnuma.attach import attach
+        from ktnuma.attachment import attach
     except ImportError:
         pytest.skip("ktnuma.attach is not there yet (engine-side engineer)")
     return attach
@@ -411,7 +411,7 @@ def test_verify_records_checksums_and_attach_rechecks(synth_model, run_registry,
             verify.check_manifest(str(man))
         assert f"expert {rec['experts'][0] + 1}" in str(ei.value) and f"layer {rec['layer']}" in str(ei.value)
         try:
-            from ktnuma.attach import attach
+            from ktnuma.attachment import attach
         except ImportError:
             attach = None
         if attach is not None:

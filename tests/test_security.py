@@ -147,7 +147,7 @@ def test_launch_with_preexisting_name_exits_4_and_keeps_it(synth_model, run_regi
 
 def _attach_mod():
     try:
-        import ktnuma.attach as mod
+        import ktnuma.attachment as mod
     except ImportError:
         pytest.skip("ktnuma.attach is not there yet (engine-side engineer)")
     return mod

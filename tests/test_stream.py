@@ -82,7 +82,7 @@ def measure(mode: str, model: str, prefetch: int = 1) -> dict:
     import torch
     from safetensors import safe_open
 
-    from ktnuma import stream
+    import ktnuma
     from ktnuma.experts import index_model
     from ktnuma.integrations import kt_kernel as K
 
@@ -122,7 +122,7 @@ def measure(mode: str, model: str, prefetch: int = 1) -> dict:
                     smp.sample()
         else:
             waited = 0.0
-            with stream.stream(model, topology=TWO, split="tp", prefetch=prefetch, engine=("bf16", "flat")) as layers:
+            with ktnuma.stream(model, topology=TWO, split="tp", prefetch=prefetch, engine=("bf16", "flat")) as layers:
                 for staged in layers:
                     eng = K.engines_for_layer(staged, cpu)
                     eng.release_sources()
@@ -155,7 +155,7 @@ def prefix():
 def test_layers_in_order_previous_released_all_removed(synth_model, run_registry, prefix):
     import ktnuma
     from ktnuma import registry
-    from ktnuma.attach import Released
+    from ktnuma.attachment import Released
 
     info = synth_model("fp8", hidden=128, intermediate=256, layers=4, mtp=False)
     before = _segments(prefix)

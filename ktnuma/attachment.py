@@ -413,10 +413,11 @@ def _check_source(path: str, m: dict) -> None:
 
 
 def _verify(path: str, m: dict) -> None:
-    """Re-plan the model for the manifest's topology and compare the layout and every staged byte."""
+    """Re-plan the model for the manifest's topology and check the layout, then every staged byte:
+    against the checksums `launch --verify` recorded, or else against the source itself."""
     from .experts import index_model
-    from .launch import verify
     from .plan import manifest_arrays, plan as make_plan
+    from .verify import check_manifest, recorded, verify_run
 
     index = index_model(m["model"]["path"], format=m["model"]["format"], layers=m["config"]["layers"])
     node_ids = [n["id"] for n in m["topology"]["nodes"]]
@@ -425,7 +426,10 @@ def _verify(path: str, m: dict) -> None:
     if expected != m["arrays"]:
         raise AttachError(f"{path}: the manifest's arrays do not match a fresh plan of {m['model']['path']}")
     try:
-        verify(p, m["run_id"], None if shm.is_posix(m["shm_dir"]) else m["shm_dir"])
+        if recorded(m) is not None:
+            check_manifest(path)
+        else:
+            verify_run(p, m["run_id"], None if shm.is_posix(m["shm_dir"]) else m["shm_dir"])
     except KtnumaError as exc:
         raise AttachError(f"{path}: {exc}") from None
 
@@ -443,21 +447,3 @@ def attach(manifest_path: str | os.PathLike[str], *, writable: bool = False, ver
     if verify:
         _verify(path, m)
     return Attached(path, m, writable=writable)
-
-
-def _make_module_callable(module_name: str, fn_name: str) -> None:
-    """`ktnuma.attach` names both this module and the function: once the module is imported the
-    package attribute is the module, so the module forwards calls to the function."""
-    import sys
-    import types
-
-    mod = sys.modules[module_name]
-
-    class _CallableModule(types.ModuleType):
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            return getattr(self, fn_name)(*args, **kwargs)
-
-    mod.__class__ = _CallableModule
-
-
-_make_module_callable(__name__, "attach")

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import shm
-from .attach import ArrayRecord, LayerView, Released, SegmentViews
+from .attachment import ArrayRecord, LayerView, Released, SegmentViews
 from .errors import BadInput, NotEnoughMemory
 
 log = logging.getLogger(__name__)
@@ -187,8 +187,3 @@ def stream(model: str | os.PathLike[str], nodes: int | None = None, split: str =
         for name in sizes:
             shm.unlink(name, sdir)
         registry.remove(entry.run_id)
-
-
-from .attach import _make_module_callable  # noqa: E402
-
-_make_module_callable(__name__, "stream")  # `ktnuma.stream(...)` works after `import ktnuma.stream` too
