@@ -113,8 +113,7 @@ class Reporter:
     def __call__(self, ev) -> None:
         if self.quiet:
             return
-        if ev.kind == "retry":
-            self._line(f"node {ev.node} layer {ev.layer}: {ev.message}", final=True)
+        if ev.kind == "retry":  # the coordinator's warning already says it, on its own line
             return
         if ev.kind != "layer" and not self.tty:
             return

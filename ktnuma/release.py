@@ -19,12 +19,33 @@ def release(manifest_path: str) -> list[str]:
     run_id, shm_dir = m["run_id"], m.get("shm_dir")
     removed = [s["name"] for s in m["segments"] if shm.unlink(s["name"], shm_dir)]
     removed += shm.unlink_run(run_id, shm_dir)  # anything else of the run (never more than it named)
-    try:
-        os.unlink(manifest_path)
-    except FileNotFoundError:
-        pass
+    for path in (manifest_path, _global_index(manifest_path, run_id)):
+        if path is None:
+            continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
     registry.remove(run_id)
     return removed
+
+
+def _global_index(manifest_path: str, run_id: str) -> str | None:
+    """Rank 0 of a multi-host run also wrote `<stem>.global.json`; it goes with rank 0's manifest."""
+    import json
+
+    from .distributed import global_path
+
+    path = global_path(manifest_path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            g = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ranks = g.get("ranks") if isinstance(g, dict) else None
+    if isinstance(ranks, list) and ranks and isinstance(ranks[0], dict) and ranks[0].get("run_id") == run_id:
+        return path
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -244,6 +244,11 @@ def test_two_hosts_stage_disjoint_shares_byte_exact(synth_model, run_registry, t
                 pos += arr.shape[dim]
             assert pos == want.shape[dim]
             assert np.concatenate([p[2] for p in parts], axis=dim).tobytes() == want.tobytes(), key
+        # releasing rank 0's manifest takes the global index with it; rank 1's release leaves it alone
+        subprocess.run([sys.executable, "-m", "ktnuma.release", str(man[1])], check=True, capture_output=True, timeout=60)
+        assert (tmp_path / "r0" / "m.global.json").exists()
+        subprocess.run([sys.executable, "-m", "ktnuma.release", str(man[0])], check=True, capture_output=True, timeout=60)
+        assert not (tmp_path / "r0" / "m.global.json").exists()
     finally:
         for m in man:
             if m.exists():
