@@ -35,6 +35,12 @@ class RunEntry:
     uid: int = -1
 
 
+class RegistryError(KtnumaError):
+    """The run registry directory cannot be used (exit 2: the environment is the bad input)."""
+
+    exit_code = 2
+
+
 def registry_dir(create: bool = True) -> str:
     base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
     d = os.path.join(base, f"ktnuma-{os.getuid()}")
@@ -43,6 +49,8 @@ def registry_dir(create: bool = True) -> str:
             os.mkdir(d, 0o700)
         except FileExistsError:
             pass
+        except OSError as e:
+            raise RegistryError(f"run registry {d}: {e.strerror}; set XDG_RUNTIME_DIR to a writable directory") from None
         st = os.lstat(d)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
             raise KtnumaError(f"run registry {d} is not a directory owned by uid {os.getuid()}")
@@ -58,7 +66,11 @@ def _path(run_id: str) -> str:
 def write(entry: RunEntry) -> RunEntry:
     if entry.state not in STATES:
         raise ValueError(entry.state)
-    write_atomic(_path(entry.run_id), json.dumps(asdict(entry)).encode() + b"\n")
+    path = _path(entry.run_id)
+    try:
+        write_atomic(path, json.dumps(asdict(entry)).encode() + b"\n")
+    except OSError as e:
+        raise RegistryError(f"run registry {path}: {e.strerror}; set XDG_RUNTIME_DIR to a writable directory") from None
     return entry
 
 
@@ -74,10 +86,14 @@ def update(entry: RunEntry, **changes) -> RunEntry:
 
 
 def remove(run_id: str) -> bool:
+    """Delete a run's entry; never raises (it runs on cleanup paths)."""
     try:
         os.unlink(_path(run_id))
         return True
     except FileNotFoundError:
+        return False
+    except (OSError, KtnumaError) as e:
+        log.warning("run registry: cannot remove the entry of run %s: %s", run_id, e)
         return False
 
 

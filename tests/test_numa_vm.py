@@ -73,3 +73,34 @@ def test_placement_on_two_real_nodes(hardware):
     assert sum(ctl["placement_seen_by_parent"].values()) == pages
     cross = segs["cross"]
     assert cross["cpus"] == [0] and cross["placement_seen_by_parent"] == {"1": pages}
+
+
+def test_launch_stages_each_node_slice_on_its_node(hardware, tmp_path):
+    """The whole main job on a real two-node kernel: `launch --nodes 2` (no simulation) stages a model
+    with tp and with ep, and every segment's pages read back by move_pages lie on its own node."""
+    from ktnuma.synth import write_model
+
+    info = write_model(tmp_path / "model", "bf16", layers=2, experts=4, hidden=256, intermediate=256, mtp=False)
+    script = tmp_path / "stage.sh"
+    script.write_text(
+        "export XDG_RUNTIME_DIR=$TMPDIR\n"
+        "for split in tp ep; do\n"
+        f"  python3 -m ktnuma.launch {info.path} --nodes 2 --no-simulate --split $split --detach --quiet"
+        " --manifest $TMPDIR/$split.json > /dev/null || exit $?\n"
+        "  python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))))' $TMPDIR/$split.json\n"
+        "  python3 -m ktnuma.release --quiet $TMPDIR/$split.json || exit $?\n"
+        "done\n"
+        "ls /dev/shm | grep -c ktnuma || true\n")
+    r = numa_vm("sh", str(script), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    manifests = [json.loads(x) for x in lines[:2]]
+    assert lines[2] == "0", "release left segments in the VM's /dev/shm"
+    for m in manifests:
+        assert m["topology"]["simulated"] is False
+        assert [n["id"] for n in m["topology"]["nodes"]] == [0, 1]
+        assert len(m["segments"]) == 4
+        for s in m["segments"]:
+            pages = -(-s["size"] // 4096)
+            assert s["placement"] == {str(s["node"]): pages}, (m["split"], s)
+        print(m["split"], [(s["name"].split(".", 2)[2], s["placement"]) for s in m["segments"]])
