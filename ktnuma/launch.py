@@ -56,7 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--detach", action="store_true", help="exit after `ready`, leaving segments + manifest")
     p.add_argument("--shm-dir", metavar="DIR", help="a tmpfs directory for the segments (default /dev/shm)")
     p.add_argument("--io", choices=("buffered", "direct"), default="buffered",
-                   help="source reads: page cache (dropped per layer) or O_DIRECT (not yet: buffered)")
+                   help="source reads: page cache (dropped per layer, default) or O_DIRECT (aligned reads "
+                        "around each range; files that refuse O_DIRECT, e.g. on tmpfs, are read buffered)")
     p.add_argument("--verify", action="store_true",
                    help="checksum (crc32) every staged piece from the source and from its segment, "
                         "fail on a difference, record the checksums in the manifest")
@@ -113,7 +114,8 @@ class Reporter:
     def __call__(self, ev) -> None:
         if self.quiet:
             return
-        if ev.kind == "retry":  # the coordinator's warning already says it, on its own line
+        if ev.kind == "retry":
+            self._line(f"node {ev.node} layer {ev.layer}: {ev.message}", final=True)
             return
         if ev.kind != "layer" and not self.tty:
             return
@@ -207,8 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     shm_dir = None if args.shm_dir is None or shm.is_posix(args.shm_dir) else os.path.abspath(args.shm_dir)
     if shm_dir is not None and not os.path.isdir(shm_dir):
         raise BadInput(f"--shm-dir {shm_dir}: no such directory")
-    if args.io == "direct":
-        log.warning("--io direct is not implemented yet; reading through the page cache (dropped per layer)")
 
     from .experts import index_model
     from .plan import check_split, plan as make_plan
@@ -223,6 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SplitError(f"{os.path.abspath(index.root)}: {exc}") from None
     plan = make_plan(index, topology, args.split)
     check_memory(plan, topology, shm_dir)
+    if args.io == "direct":
+        from .worker import direct_ok
+
+        refused = [f for f in plan.files if not direct_ok(f)]
+        if refused:
+            log.warning("--io direct: %d of %d source file(s) refuse O_DIRECT (e.g. %s on tmpfs?); "
+                        "reading those through the page cache", len(refused), len(plan.files), refused[0])
 
     run_id = shm.new_run_id()
     manifest_path = os.path.abspath(args.manifest or f"ktnuma-{run_id}.json")
@@ -239,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .manifest import build, publish
 
         result = stage(index, topology, args.split, run_id=run_id, shm_dir=shm_dir, plan=plan,
-                       layers_in_flight=args.layers_in_flight, retries=args.retries, progress=reporter)
+                       layers_in_flight=args.layers_in_flight, retries=args.retries, progress=reporter,
+                       io=args.io)
         reporter.end()
         try:
             m = build(index, topology, plan, result, run_id=run_id, shm_dir=shm_dir)
