@@ -24,12 +24,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import shm
 from .errors import BadInput, KtnumaError, NotEnoughMemory, WorkerFailed
-from .plan import Plan, SegmentPlan
+from .plan import ArrayPlan, Plan, SegmentPlan
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,18 @@ class SegmentExists(WorkerFailed):
 
 
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker_env() -> dict[str, str]:
+    """The workers' environment: started with ``python -S`` (no site hooks, .pth files or
+    editable-install finders to run: a faster start), so PYTHONPATH carries this package's parent
+    and this interpreter's own import path (the standard library, site-packages for numpy)."""
+    env = dict(os.environ)
+    path = [_PKG_PARENT] + [p for p in sys.path if p and os.path.isdir(p)]
+    if env.get("PYTHONPATH"):
+        path.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+    return env
 
 
 @dataclass(frozen=True)
@@ -138,8 +150,32 @@ def summarize(topology, segments: tuple[SegmentResult, ...]) -> tuple[NodeSummar
     return tuple(out)
 
 
+_ARRAY_FIELDS = tuple(f.name for f in fields(ArrayPlan))
+
+
+def pack_ints(seq: tuple[int, ...]) -> list[int] | dict[str, int]:
+    """A per-piece int tuple for the wire: ``{"a": first, "d": step, "n": count}`` when it is an
+    arithmetic progression (checked at C level against a range), else the list as it is."""
+    n = len(seq)
+    if n >= 2:
+        d = seq[1] - seq[0]
+        if d == 0:
+            if seq.count(seq[0]) == n:
+                return {"a": seq[0], "d": 0, "n": n}
+        elif seq == tuple(range(seq[0], seq[0] + d * n, d)):
+            return {"a": seq[0], "d": d, "n": n}
+    return list(seq)
+
+
 def job_message(seg: SegmentPlan, name: str, attempt: int) -> bytes:
-    arrays = [asdict(a) for a in seg.arrays]
+    """One JSON line; ArrayPlans shallowly as dicts (no deep copy), their per-piece ``files`` and
+    ``src_offsets`` packed with :func:`pack_ints` (the worker's ``unpack_ints`` reverses it)."""
+    arrays = []
+    for a in seg.arrays:
+        d = {f: getattr(a, f) for f in _ARRAY_FIELDS}
+        d["files"] = pack_ints(a.files)
+        d["src_offsets"] = pack_ints(a.src_offsets)
+        arrays.append(d)
     msg = {"op": "job", "name": name, "layer": seg.layer, "node": seg.node, "size": seg.size,
            "attempt": attempt, "arrays": arrays}
     return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
@@ -148,20 +184,24 @@ def job_message(seg: SegmentPlan, name: str, attempt: int) -> bytes:
 class _Proc:
     """One worker subprocess and the thread that forwards its stdout lines to the event queue."""
 
-    def __init__(self, node, gen: int, events: queue.Queue, files: list[str], shm_dir: str | None):
+    def __init__(self, node, gen: int, events: queue.Queue, files: list[str] | None, shm_dir: str | None,
+                 io: str = "buffered", env: dict[str, str] | None = None):
         self.node = node
         self.gen = gen
-        cmd = [sys.executable, "-m", "ktnuma.worker", "--node", str(node.id),
+        cmd = [sys.executable, "-S", "-m", "ktnuma.worker", "--node", str(node.id),
                "--real-node", str(node.real_node), "--cpus", ",".join(map(str, node.cpus))]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = _PKG_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = env or worker_env()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      close_fds=True, env=env)
         self.job: tuple[SegmentPlan, str, int] | None = None  # (segment, name, attempt)
         self.events = events
         self.thread = threading.Thread(target=self._read, name=f"worker-n{node.id}", daemon=True)
         self.thread.start()
-        self.send({"op": "init", "files": files, "shm_dir": shm_dir})
+        if files is not None:
+            self.init(files, shm_dir, io)
+
+    def init(self, files: list[str], shm_dir: str | None, io: str = "buffered") -> None:
+        self.send({"op": "init", "files": files, "shm_dir": shm_dir, "io": io})
 
     def _read(self) -> None:
         try:
@@ -210,7 +250,7 @@ class Run:
     def __init__(self, plan: Plan, topology, *, run_id: str, shm_dir: str | None = None,
                  layers_in_flight: int = 2, retries: int = 2,
                  progress: Callable[[ProgressEvent], None] | None = None,
-                 stream: bool = False, drop_cache: bool = True) -> None:
+                 stream: bool = False, drop_cache: bool = True, io: str = "buffered") -> None:
         if layers_in_flight < 1:
             raise BadInput(f"layers_in_flight must be >= 1, got {layers_in_flight}")
         if retries < 0:
@@ -224,6 +264,10 @@ class Run:
         self.progress = progress
         self.stream = stream
         self.drop_cache = drop_cache
+        if io not in ("buffered", "direct"):
+            raise BadInput(f"io must be buffered or direct, not {io!r}")
+        self.io = io
+        self._env = worker_env()
         self.layers_order = list(plan.layers)
         self.layer_pos = {lyr: i for i, lyr in enumerate(self.layers_order)}
         self.pending: dict[int, list[SegmentPlan]] = {n.id: [] for n in topology.nodes}
@@ -283,6 +327,11 @@ class Run:
         for p in list(self.procs.values()):
             p.stop()
         self.procs.clear()
+        if self.drop_cache and self.completed:
+            # a final pass once every worker has exited: pages a layer's drop could not evict
+            # (still in a worker's pipe or readahead at that moment) go now
+            for layer in self.completed:
+                self._drop(layer)
         for fd in self._drop_fds.values():
             os.close(fd)
         self._drop_fds.clear()
@@ -297,7 +346,7 @@ class Run:
     # ------------------------------------------------------------------ workers
     def _spawn(self, node) -> _Proc:
         self.gen += 1
-        p = _Proc(node, self.gen, self.events, list(self.plan.files), self.shm_dir)
+        p = _Proc(node, self.gen, self.events, list(self.plan.files), self.shm_dir, self.io, self._env)
         self.procs[node.id] = p
         return p
 

@@ -16,7 +16,7 @@ import errno as _errno
 import logging
 import mmap
 import os
-from collections import Counter
+from array import array
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -42,7 +42,7 @@ MASK_BITS = 1024  # node ids the masks can carry (the kernel's CONFIG_NODES_SHIF
 _ULONG_BITS = ctypes.sizeof(ctypes.c_ulong) * 8
 _MASK_WORDS = MASK_BITS // _ULONG_BITS
 _NodeMask = ctypes.c_ulong * _MASK_WORDS
-_MOVE_PAGES_CHUNK = 1 << 16  # pages per move_pages call (bounds the temporary arrays)
+_MOVE_PAGES_CHUNK = 1 << 18  # pages per move_pages call (bounds the temporary arrays)
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -274,7 +274,8 @@ def placement(addr: int, length: int) -> dict[str, int]:
     """Pages of ``[addr, addr+length)`` per real node, via ``move_pages(nodes=NULL)``.
 
     Keys are real node ids as strings; ``"absent"`` (only when > 0) counts pages not present
-    (never touched, or otherwise not resolvable to a node).
+    (never touched, or otherwise not resolvable to a node). The page and status arrays are built
+    and counted at C level (``array``), no per-page Python work: workers call this per segment.
     """
     if length <= 0:
         return {}
@@ -282,17 +283,35 @@ def placement(addr: int, length: int) -> dict[str, int]:
     npages = (addr + length - start + PAGE_SIZE - 1) // PAGE_SIZE
     counts: dict[int, int] = {}
     lib = _lib()
+    try:
+        known = real_nodes()
+    except (OSError, ValueError):
+        known = ()
+    pp, ip = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int)
     for first in range(0, npages, _MOVE_PAGES_CHUNK):
         n = min(_MOVE_PAGES_CHUNK, npages - first)
         base = start + first * PAGE_SIZE
-        pages = (ctypes.c_void_p * n)(*range(base, base + n * PAGE_SIZE, PAGE_SIZE))
-        status = (ctypes.c_int * n)()
-        if lib.move_pages(0, n, pages, None, status, 0) != 0:
+        pages = array("Q", range(base, base + n * PAGE_SIZE, PAGE_SIZE))
+        status = array("i", bytes(4 * n))
+        if lib.move_pages(0, n, ctypes.cast(pages.buffer_info()[0], pp), None,
+                          ctypes.cast(status.buffer_info()[0], ip), 0) != 0:
             _raise_errno("move_pages", "query failed", addr=base, length=n * PAGE_SIZE)
-        for s, c in Counter(memoryview(status).cast("B").cast("i")).items():
-            counts[s] = counts.get(s, 0) + c
+        found = 0
+        for k in known:
+            c = status.count(k)
+            if c:
+                counts[k] = counts.get(k, 0) + c
+                found += c
+        if found < n:  # absent pages (negative errno), or a node outside real_nodes()
+            for k in set(status) - set(known):
+                if k >= 0:
+                    c = status.count(k)
+                    counts[k] = counts.get(k, 0) + c
+                    found += c
+        if found < n:
+            counts[-1] = counts.get(-1, 0) + n - found
     out = {str(k): v for k, v in sorted(counts.items()) if k >= 0}
-    absent = sum(v for k, v in counts.items() if k < 0)
+    absent = counts.get(-1, 0)
     if absent:
         out["absent"] = absent
     return out

@@ -82,32 +82,37 @@ def populate(mm) -> None:
             mm[i]
 
 
-def page_placement(addr: int, size: int) -> dict[str, int]:
-    """numa.placement with C-level page/status arrays (the per-page Python work dominated it)."""
-    import ctypes
-    from array import array
+ALIGN = 4096  # O_DIRECT: file offset, length and buffer address multiple of this
 
-    page = numa.PAGE_SIZE
-    start = addr - addr % page
-    n = (addr + size - start + page - 1) // page
-    if n <= 0:
-        return {}
+
+def unpack_ints(v) -> list[int] | range:
+    """Per-piece ints from the wire: a list, or ``{"a": first, "d": step, "n": count}``
+    (coordinator.pack_ints)."""
+    if isinstance(v, dict):
+        a, d, n = v["a"], v["d"], v["n"]
+        return [a] * n if d == 0 else range(a, a + d * n, d)
+    return v
+
+
+def direct_ok(path: str) -> bool:
+    """Whether ``path`` can be read with O_DIRECT (tmpfs and some overlay filesystems refuse)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    import mmap
+
     try:
-        pages = array("Q", range(start, start + n * page, page))
-        status = array("i", bytes(4 * n))
-        pa, _ = pages.buffer_info()
-        sa, _ = status.buffer_info()
-        rc = numa._lib().move_pages(0, n, ctypes.cast(pa, ctypes.POINTER(ctypes.c_void_p)), None,
-                                    ctypes.cast(sa, ctypes.POINTER(ctypes.c_int)), 0)
-    except (ctypes.ArgumentError, AttributeError, TypeError):
-        return numa.placement(addr, size)
-    if rc != 0:
-        return numa.placement(addr, size)  # raises with the errno
-    out = {str(k): status.count(k) for k in sorted(set(status)) if k >= 0}
-    absent = n - sum(out.values())
-    if absent:
-        out["absent"] = absent
-    return out
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return False
+    buf = mmap.mmap(-1, ALIGN)
+    try:
+        os.preadv(fd, [buf], 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        buf.close()
+        os.close(fd)
 
 
 class Worker:
@@ -118,6 +123,8 @@ class Worker:
         self.files: list[str] = []
         self.fds: dict[int, int] = {}
         self.shm_dir: str | None = None
+        self.direct: set[int] = set()  # file indexes read with O_DIRECT (--io direct)
+        self.dfds: dict[int, int] = {}
         self.gone = threading.Event()
         self.inbox: queue.Queue = queue.Queue()
         self.local = threading.local()
@@ -139,11 +146,42 @@ class Worker:
             fd = self.fds[i] = os.open(self.files[i], os.O_RDONLY | os.O_CLOEXEC)
         return fd
 
+    def dfd(self, i: int) -> int:
+        fd = self.dfds.get(i)
+        if fd is None:
+            fd = self.dfds[i] = os.open(self.files[i], os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        return fd
+
     def bounce(self, n: int) -> memoryview:
+        """This thread's reusable buffer (anonymous mmap: page-aligned, as O_DIRECT needs)."""
+        import mmap
+
         buf = getattr(self.local, "buf", None)
         if buf is None or len(buf) < n:
-            buf = self.local.buf = bytearray(max(n, 1 << 20))
+            buf = self.local.buf = mmap.mmap(-1, max(-(-n // ALIGN) * ALIGN, 1 << 20))
         return memoryview(buf)[:n]
+
+    def read_span(self, fi: int, off: int, n: int, extra: int = 0) -> tuple[memoryview, memoryview]:
+        """Bytes ``[off, off+n)`` of file ``fi`` in this thread's bounce buffer, and the buffer's
+        ``extra`` bytes after them (page-aligned) for packing/converting: (span, extra view).
+        O_DIRECT files are read as the aligned superset of the span."""
+        path = self.files[fi]
+        if fi not in self.direct:
+            room = -(-n // ALIGN) * ALIGN
+            buf = self.bounce(room + extra)
+            read_full(self.fd(fi), buf[:n], off, path)
+            return buf[:n], buf[room:room + extra]
+        a0 = off - off % ALIGN
+        a1 = -(-(off + n) // ALIGN) * ALIGN
+        buf = self.bounce(a1 - a0 + extra)
+        fd, pos, want = self.dfd(fi), a0, off + n  # read until the span's last byte is in
+        while pos < want:
+            got = os.preadv(fd, [buf[pos - a0:a1 - a0]], pos)
+            if got <= 0 or (pos + got < want and got % ALIGN):
+                raise InputError(f"{path}: unexpected end of file at byte {pos + max(got, 0)} "
+                                 f"({want - pos - max(got, 0)} bytes still expected); was the file changed?")
+            pos += got
+        return buf[off - a0:off - a0 + n], buf[a1 - a0:a1 - a0 + extra]
 
     def check(self) -> None:
         if self.gone.is_set():
@@ -165,6 +203,10 @@ class Worker:
     def op_copy(self, view: memoryview, fi: int, off: int, dest: int, length: int) -> None:
         """Kernel copy page cache -> segment (sendfile): no user copy, no zero-fill of the pages."""
         self.check()
+        if fi in self.direct:  # O_DIRECT into the aligned bounce buffer, pwrite the span
+            data, _ = self.read_span(fi, off, length)
+            write_full(self.seg_fd(), data, dest)
+            return
         src, out = self.fd(fi), self.seg_fd()
         os.lseek(out, dest, os.SEEK_SET)
         while length:
@@ -184,7 +226,7 @@ class Worker:
         import numpy as np
         from numpy.lib.stride_tricks import as_strided
 
-        fd, path, out = self.fd(fi), self.files[fi], self.seg_fd()
+        out = self.seg_fd()
         per = max(1, BOUNCE_MAX // max(src_stride, 1)) if rows > 1 else 1
         out_run = run * ratio
         r = 0
@@ -193,22 +235,20 @@ class Worker:
             n = min(per, rows - r)
             span = (n - 1) * src_stride + run
             contiguous = n == 1 or run == src_stride
-            packed_at = span
-            conv_at = packed_at + (0 if contiguous else n * run)
-            buf = self.bounce(conv_at + (n * out_run if conversion else 0))
-            src = buf[:span]
-            read_full(fd, src, off + r * src_stride, path)
+            pack_n = 0 if contiguous else n * run
+            src, extra = self.read_span(fi, off + r * src_stride, span,
+                                        pack_n + (n * out_run if conversion else 0))
             if contiguous:
                 packed = src
             else:
-                packed = buf[packed_at:conv_at]
+                packed = extra[:pack_n]
                 a = as_strided(np.frombuffer(src, np.uint8), shape=(n, run), strides=(src_stride, 1))
                 np.copyto(np.frombuffer(packed, np.uint8).reshape(n, run), a)
                 del a
             if conversion is not None:
                 from .formats.dtypes import convert
 
-                converted = buf[conv_at:conv_at + n * out_run]
+                converted = extra[pack_n:pack_n + n * out_run]
                 convert(conversion, packed, converted)
                 packed = converted
             write_full(out, packed, dest + r * out_run)
@@ -223,8 +263,9 @@ class Worker:
         for a in arrays:
             rows, run, sstride, conv = a["rows"], a["run"], a["src_stride"], a.get("conversion")
             contiguous = rows == 1 or run == sstride
+            files, offsets = unpack_ints(a["files"]), unpack_ints(a["src_offsets"])
             for k in range(a["count"]):
-                fi, off, dest = a["files"][k], a["src_offsets"][k], a["offset"] + k * a["stride"]
+                fi, off, dest = files[k], offsets[k], a["offset"] + k * a["stride"]
                 if contiguous and conv is None:
                     length = rows * run
                     if cur and cur[0] == fi and cur[1] + cur[3] == off and cur[2] + cur[3] == dest:
@@ -295,7 +336,7 @@ class Worker:
                 self.check()
                 time.sleep(0.01)
             populate(mm)
-            placement = page_placement(addr, size)
+            placement = numa.placement(addr, size)
             view.release()
             view = None
             mm.close()
@@ -375,6 +416,8 @@ class Worker:
             if op == "init":
                 self.files = list(msg["files"])
                 self.shm_dir = msg.get("shm_dir")
+                if msg.get("io") == "direct":  # files refusing O_DIRECT stay buffered (launch warned)
+                    self.direct = {i for i, f in enumerate(self.files) if direct_ok(f)}
             elif op == "job":
                 try:
                     res = self.job(msg)

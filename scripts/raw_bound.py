@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The raw bound: the floor a loader cannot beat on this machine. Standard library only.
 
-    python scripts/raw_bound.py --procs N SPEC.json [--shm-dir /dev/shm] [--chunk MiB] [--keep]
+    python scripts/raw_bound.py --procs N SPEC.json [--shm-dir /dev/shm] [--chunk MiB] [--keep] [--sendfile]
 
 SPEC.json: {"files": [path, ...], "ranges": [[file_index, offset, length], ...]} -- the model's
 whole expert tensors. The ranges are concatenated and cut into N contiguous shares of equal
@@ -9,6 +9,8 @@ bytes; N child processes (this script with --child) each create a fresh shared-m
 its share's size, posix_fallocate it, mmap it and do nothing but large preadv's of its share into
 it. Timed from before the first child starts to after the last one exits. Prints one JSON line:
 {"procs", "bytes", "seconds", "gbps", "segments": [paths]}. The segments are removed unless --keep.
+--sendfile: an additional floor (not the bound): the children copy with sendfile(2) into the
+fallocated segment's fd instead of preadv into its mapping (the kernel-copy path ktnuma's workers use).
 """
 import json
 import mmap
@@ -34,7 +36,7 @@ def shares(ranges, n):
     return out
 
 
-def child(spec_path, index, n, seg_path, chunk):
+def child(spec_path, index, n, seg_path, chunk, use_sendfile=False):
     with open(spec_path) as f:
         spec = json.load(f)
     mine = shares(spec["ranges"], n)[index]
@@ -43,6 +45,8 @@ def child(spec_path, index, n, seg_path, chunk):
     try:
         os.ftruncate(fd, max(size, 1))
         os.posix_fallocate(fd, 0, max(size, 1))
+        if use_sendfile:
+            return _sendfile_share(spec, mine, fd, chunk)
         mm = mmap.mmap(fd, max(size, 1))
     finally:
         os.close(fd)
@@ -68,12 +72,31 @@ def child(spec_path, index, n, seg_path, chunk):
     return 0
 
 
+def _sendfile_share(spec, mine, out, chunk):
+    """Copy the share with sendfile into the segment fd (written at the fd's position)."""
+    os.lseek(out, 0, os.SEEK_SET)
+    fds = {}
+    for fi, off, length in mine:
+        src = fds.get(fi)
+        if src is None:
+            src = fds[fi] = os.open(spec["files"][fi], os.O_RDONLY)
+        end = off + length
+        while off < end:
+            got = os.sendfile(out, src, off, min(chunk, end - off))
+            if got <= 0:
+                raise SystemExit(f"{spec['files'][fi]}: unexpected end of file at {off}")
+            off += got
+    for fd in fds.values():
+        os.close(fd)
+    return 0
+
+
 def main(argv):
     args = list(argv)
     if args and args[0] == "--child":
-        _, spec, index, n, seg, chunk = args
-        return child(spec, int(index), int(n), seg, int(chunk))
-    procs, shm_dir, chunk, keep, spec = 1, "/dev/shm", 64, False, None
+        _, spec, index, n, seg, chunk, how = args
+        return child(spec, int(index), int(n), seg, int(chunk), how == "sendfile")
+    procs, shm_dir, chunk, keep, spec, how = 1, "/dev/shm", 64, False, None, "preadv"
     i = 0
     while i < len(args):
         a = args[i]
@@ -88,6 +111,8 @@ def main(argv):
             chunk, i = int(args[i + 1]), i + 1
         elif a == "--keep":
             keep = True
+        elif a == "--sendfile":
+            how = "sendfile"
         else:
             spec = a
         i += 1
@@ -101,7 +126,7 @@ def main(argv):
     try:
         t0 = time.perf_counter()
         ps = [subprocess.Popen([sys.executable, "-S", os.path.abspath(__file__), "--child", spec, str(i),
-                                str(procs), segs[i], str(chunk << 20)]) for i in range(procs)]
+                                str(procs), segs[i], str(chunk << 20), how]) for i in range(procs)]
         rcs = [p.wait() for p in ps]
         seconds = time.perf_counter() - t0
     finally:
@@ -114,7 +139,7 @@ def main(argv):
     if any(rcs):
         print(f"raw_bound: a child failed: exit codes {rcs}", file=sys.stderr)
         return 1
-    print(json.dumps({"procs": procs, "bytes": total, "seconds": round(seconds, 4),
+    print(json.dumps({"procs": procs, "how": how, "bytes": total, "seconds": round(seconds, 4),
                       "gbps": round(total / seconds / 1e9, 3), "segments": segs if keep else []}),
           flush=True)
     return 0
