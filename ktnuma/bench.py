@@ -120,7 +120,8 @@ class Sampler(threading.Thread):
         self.model_files = frozenset(os.path.realpath(p) for p in model_files) | frozenset(model_files)
         self.prefixes = tuple(shm_prefixes)
         self.peak = 0
-        self.parts = {"anon": 0, "shm": 0, "model_files": 0}
+        self.parts = {"anon": 0, "shm": 0, "model_files": 0}  # at the peak
+        self.max_shm = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -146,6 +147,7 @@ class Sampler(threading.Thread):
             _mapped(p, self.model_files, self.prefixes, shm_seen, files_rss)
         shm_b, files_b = sum(shm_seen.values()), sum(files_rss.values())
         v = anon + shm_b + files_b
+        self.max_shm = max(self.max_shm, shm_b)
         if v > self.peak:
             self.peak = v
             self.parts = {"anon": anon, "shm": shm_b, "model_files": files_b}
@@ -162,9 +164,10 @@ def timed(cmd: Sequence[str], env: dict | None = None, model_files: Sequence[str
     dt = time.perf_counter() - t0
     s.stop.set()
     s.join()
+    s.sample()  # what it left behind (a detached staging's segments) after its last sample
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd[:4])}... exited {p.returncode}: {err.decode()[-800:]}")
-    return dt, s.peak, out.decode(), s.parts
+    return dt, s.peak, out.decode(), {**s.parts, "max_shm": s.max_shm}
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -380,7 +383,8 @@ class Bench:
                 self._release(manifest)
         left = cached_fraction(self.files, self.ranges)
         return {"seconds": secs, "gbps": self.bytes / secs / 1e9, "peak": peak, "cache_left": left,
-                "peak_anon": parts["anon"], "peak_shm": parts["shm"], "peak_model_files": parts["model_files"]}
+                "peak_anon": parts["anon"], "peak_shm": parts["shm"], "peak_model_files": parts["model_files"],
+                "max_shm": parts["max_shm"]}
 
 
 def overhead(nodes: int = 8) -> dict:

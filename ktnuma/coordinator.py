@@ -2,7 +2,8 @@
 
 All nodes work at once; at most ``layers_in_flight`` layers are staged concurrently (a fast node
 runs ahead by at most that many layers). Once every node has finished layer L, the page cache of
-layer L's whole source ranges (``plan.drop_ranges(L)``) is dropped with ``posix_fadvise(DONTNEED)``.
+layer L's whole source ranges (``plan.drop_ranges(L)``) is dropped with ``posix_fadvise(DONTNEED)``,
+and once more (widened to 2 MiB folio boundaries) when the run closes after its workers exited.
 A worker that dies (EOF on its stdout) is restarted on the same node and the layer's segment is
 discarded and redone from scratch, up to ``retries`` times, then :class:`WorkerFailed` (exit 4)
 names the node and layer. On any failure or signal (an exception raised in the caller's thread,
@@ -43,6 +44,7 @@ class SegmentExists(WorkerFailed):
         self.names = frozenset(names)
 
 
+FOLIO_ALIGN = 2 << 20  # the largest page-cache folio the final drop pass expects (PMD size)
 _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -328,10 +330,12 @@ class Run:
             p.stop()
         self.procs.clear()
         if self.drop_cache and self.completed:
-            # a final pass once every worker has exited: pages a layer's drop could not evict
-            # (still in a worker's pipe or readahead at that moment) go now
+            # a final pass once every worker has exited, widened to FOLIO_ALIGN: the page cache
+            # keeps large folios, and DONTNEED only evicts folios wholly inside the range, so
+            # the folios straddling a layer's range ends (up to 2 MiB each) survived its drop;
+            # pages still under readahead at that moment go too
             for layer in self.completed:
-                self._drop(layer)
+                self._drop(layer, widen=FOLIO_ALIGN)
         for fd in self._drop_fds.values():
             os.close(fd)
         self._drop_fds.clear()
@@ -464,8 +468,12 @@ class Run:
         self.completed.append(layer)
         self._emit("layer", layer, None)
 
-    def _drop(self, layer: int) -> None:
+    def _drop(self, layer: int, widen: int = 0) -> None:
         for r in self.plan.drop_ranges(layer):
+            start, length = r.start, r.length
+            if widen:
+                start = r.start - r.start % widen
+                length = -(-(r.start + r.length) // widen) * widen - start
             fd = self._drop_fds.get(r.file)
             if fd is None:
                 try:
@@ -475,7 +483,7 @@ class Run:
                     log.warning("cannot open %s to drop its page cache: %s", self.plan.files[r.file], exc)
                     continue
             try:
-                os.posix_fadvise(fd, r.start, r.length, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
             except OSError as exc:  # pragma: no cover - advisory
                 log.debug("posix_fadvise(%s): %s", self.plan.files[r.file], exc)
 

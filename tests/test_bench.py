@@ -25,12 +25,19 @@ def test_quick_bench_json(tmp_path):
     assert s["bytes"] > 0
     for mode in ("warm", "cold"):
         rows = s["modes"][mode]
-        assert set(rows) == {"raw", "ep", "tp", "upstream", "stream", "attach"}
+        assert set(rows) == {"raw", "rawsf", "ep", "tp", "upstream", "stream", "attach"}
         for case, row in rows.items():
             assert row["seconds"] > 0 and row["gbps"] > 0, (mode, case, row)
             assert row["peak"] > 0, (mode, case)
             assert 0.0 <= row["cache_left"] <= 1.0
-        # staging holds the staged bytes in shared memory at its peak
-        assert rows["ep"]["peak"] >= s["bytes"], rows["ep"]
+            assert row["peak"] == row["peak_anon"] + row["peak_shm"] + row["peak_model_files"], (case, row)
+        # staging holds the staged bytes in shared memory at its peak (our segments, nobody else's)
+        for case in ("ep", "tp"):
+            assert s["bytes"] <= rows[case]["max_shm"] < s["bytes"] + (8 << 20), (case, rows[case])
+        # staging drops the page cache of the expert ranges; the raw bound does not
+        assert rows["ep"]["cache_left"] <= 0.05 and rows["tp"]["cache_left"] <= 0.05, rows
+        # kt-kernel's loader maps the model: its resident file pages count, shared libraries do not
+        assert rows["upstream"]["peak_model_files"] > 0 and rows["stream"]["peak_model_files"] == 0
+    assert {t["target"].split(" ")[0] for t in s["targets"]} >= {"warm", "cold"}
     # nothing of ours is left in /dev/shm
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("ktnuma.raw.")]
