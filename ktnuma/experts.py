@@ -371,18 +371,25 @@ class _Builder:
         return n
 
     def _uniform(self, table: dict, layers: Iterable[int], proj: str, kind: str, shard: Any = None) -> TensorExtent:
+        """The (shape, dtype) every expert of (proj, kind) shares, checked over `layers`. Stacked tensors
+        (one per layer) must agree in shape only: GGUF mixes quant types between layers (Q4_K_M)."""
         ref: TensorExtent | None = None
         for layer in layers:
-            for e, x in sorted(table[(layer, proj, kind, shard)].items()):
+            d = table.get((layer, proj, kind, shard))
+            if not d:
+                raise ModelError(f"{self.root}: layer {layer} has no {proj} {kind} tensor"
+                                 + (f" (shard {shard})" if shard is not None else ""))
+            for e, x in sorted(d.items()):
                 if ref is None:
                     ref = x
-                elif (x.shape, x.dtype) != (ref.shape, ref.dtype) and not self.naming.stacked:
+                elif self.naming.stacked:
+                    if x.shape != ref.shape:
+                        raise self._err(x, f"shape {list(x.shape)} differs from {ref.name!r} {list(ref.shape)}")
+                elif (x.shape, x.dtype) != (ref.shape, ref.dtype):
                     raise self._err(x, f"{proj} {kind} has shape {list(x.shape)} {x.dtype}, but {ref.name!r} has "
                                        f"{list(ref.shape)} {ref.dtype}; experts must agree")
-                elif (x.shape, x.dtype) != (ref.shape, ref.dtype):
-                    raise self._err(x, f"shape {list(x.shape)} {x.dtype} differs from layer {ref.name!r} "
-                                       f"{list(ref.shape)} {ref.dtype}")
-        assert ref is not None
+        if ref is None:
+            raise ModelError(f"{self.root}: no {proj} {kind} tensors")
         return ref
 
     def _cross_check(self, derived: dict[str, int], evidence: str) -> None:
@@ -572,7 +579,10 @@ class _Builder:
                                 note_fmt={"T": t.name, "block": t.block})
                 groups.append(g)
         files, groups = self._files(groups)
-        fmt = self.forced or f"{groups[0].dtype}" if groups else "gguf"
+        fmt = groups[0].dtype  # gguf:<type of the first staged gate>; arrays carry their own types
+        if self.forced not in (None, "gguf", fmt):
+            have = sorted({g.dtype for g in groups})
+            raise BadInput(f"--format {self.forced}: {self.root} stores its experts as {', '.join(have)}")
         return ModelIndex(self.root, fmt, "gguf", files, self._config(n, hidden, inter, staged, None),
                           tuple(groups), all_layers)
 

@@ -224,3 +224,64 @@ def test_inspect_json_every_format(models):
         d = json.loads(r.stdout)
         assert d["config"] == {**d["config"], **info.manifest_config}
         assert d["expert_bytes"] == info.staged_nbytes
+
+
+def _write_gguf(path, layers: dict, experts=4, hidden=64, inter=64):
+    """A GGUF with stacked expert tensors; layers: {layer: {proj: "F16"|"Q8_0"|None (missing)}}."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    w.add_uint32("deepseek2.block_count", max(layers) + 1)
+    rng = np.random.default_rng(0)
+    for layer, projs in layers.items():
+        for proj, typ in projs.items():
+            if typ is None:
+                continue
+            shape = (experts, hidden, inter) if proj == "down" else (experts, inter, hidden)
+            a = rng.standard_normal(shape).astype(np.float32)
+            if typ == "F16":
+                w.add_tensor(f"blk.{layer}.ffn_{proj}_exps.weight", a.astype(np.float16))
+            else:
+                q = gguf.quants.quantize(a, T.Q8_0)
+                w.add_tensor(f"blk.{layer}.ffn_{proj}_exps.weight", q, raw_shape=q.shape, raw_dtype=T.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_layers_may_mix_quant_types(tmp_path):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    _write_gguf(d / "m.gguf", {1: {"gate": "Q8_0", "up": "Q8_0", "down": "F16"},
+                               2: {"gate": "Q8_0", "up": "Q8_0", "down": "Q8_0"}})
+    idx = index_model(str(d))
+    types = {(g.layer, g.proj): g.dtype for g in idx.groups}
+    assert types[(1, "down")] == "gguf:F16" and types[(2, "down")] == "gguf:Q8_0"
+    assert idx.format == "gguf:Q8_0"
+    assert index_model(str(d), layers="2").config.layers == (2,)
+    with pytest.raises(E.BadInput, match="stores its experts as"):
+        index_model(str(d), format="gguf:Q2_K")
+
+
+def test_gguf_layer_missing_a_projection_is_one_line(tmp_path):
+    d = tmp_path / "hole"
+    d.mkdir()
+    _write_gguf(d / "m.gguf", {1: {"gate": "Q8_0", "up": "Q8_0", "down": "Q8_0"},
+                               2: {"gate": "Q8_0", "up": "Q8_0", "down": None}})
+    with pytest.raises(E.ModelError, match="layer 2 has no down weight"):
+        index_model(str(d))
+    r = subprocess.run([sys.executable, "-m", "ktnuma.inspect", str(d)], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_packed_model_missing_its_other_shard_is_one_line(tmp_path):
+    info = write_model(tmp_path / "q", "bf16", naming="qwen-packed", shards=2)
+    d = tmp_path / "half"
+    d.mkdir()
+    first = sorted(n for n in os.listdir(info.path) if n.endswith(".safetensors"))[0]
+    shutil.copy(os.path.join(info.path, first), d / first)
+    shutil.copy(os.path.join(info.path, "config.json"), d / "config.json")
+    r = subprocess.run([sys.executable, "-m", "ktnuma.inspect", str(d)], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
