@@ -281,7 +281,7 @@ def _shift(offsets: tuple[int, ...], delta: int) -> tuple[int, ...]:
 
 def _tp_geometry(g: PieceGroup, pos: int, n: int, big_i: int) -> tuple:
     """(slice, staged shape, delta, rows, run, src_stride) of node `pos` of `n` for group g."""
-    if g.i_dim is None:
+    if g.i_dim is None or n == 1:  # I-independent, or one node: the whole piece (slice null)
         return None, g.shape, 0, 1, g.nbytes, g.nbytes
     i_tp = big_i // n
     dim_n = g.shape[g.i_dim]
