@@ -1,6 +1,7 @@
 """Shared CLI helpers: logging to stderr, one-line errors with the contract's exit codes."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -44,6 +45,10 @@ def run(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[s
         return 130
     except BrokenPipeError:
         return 1
+    except OSError as err:  # the environment refused: still one line, with the path and the reason
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"ktnuma {prog}: error: {where}{err.strerror or err}", file=sys.stderr, flush=True)
+        return 3 if err.errno == errno.ENOSPC else 2
 
 
 def human(n: float) -> str:

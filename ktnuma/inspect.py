@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .errors import KtnumaError
+from .cli import human, run
 
 
 def describe(path: str, fmt: str | None = None, layers: str | None = None) -> dict:
@@ -28,14 +28,6 @@ def describe(path: str, fmt: str | None = None, layers: str | None = None) -> di
     }
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m ktnuma.inspect",
@@ -49,11 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                     "below num_hidden_layers)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = ap.parse_args(argv)
-    try:
-        info = describe(args.model, args.format, args.layers)
-    except KtnumaError as e:
-        print(f"ktnuma.inspect: error: {e}", file=sys.stderr)
-        return e.exit_code
+    info = describe(args.model, args.format, args.layers)
     if args.json:
         print(json.dumps(info))
         return 0
@@ -65,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"layers     {info['layers_spec']} (MoE layers in the checkpoint: {len(info['moe_layers'])})")
     print(f"dtypes     {' '.join(info['dtypes'])}")
     for layer, n in info["layer_bytes"].items():
-        print(f"  layer {layer:>4}  {_human(n):>12}")
-    print(f"total      {_human(info['expert_bytes'])} of routed experts in {len(info['files'])} file(s)")
+        print(f"  layer {layer:>4}  {human(n):>12}")
+    print(f"total      {human(info['expert_bytes'])} of routed experts in {len(info['files'])} file(s)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("inspect", main))

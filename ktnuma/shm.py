@@ -85,6 +85,8 @@ def create(name: str, shm_dir: str | None = None) -> int:
             shm = posix_ipc.SharedMemory("/" + name, flags=posix_ipc.O_CREX, mode=MODE, size=0)
         except posix_ipc.ExistentialError as exc:
             raise FileExistsError(errno.EEXIST, f"segment exists: {name}") from exc
+        except posix_ipc.PermissionsError as exc:
+            raise PermissionError(errno.EACCES, f"no permission to create segment {name}") from exc
         fd = os.dup(shm.fd)
         shm.close_fd()
         return fd
@@ -103,6 +105,8 @@ def open_segment(name: str, shm_dir: str | None = None, *, write: bool = False) 
             shm = posix_ipc.SharedMemory("/" + name, flags=0, read_only=not write)
         except posix_ipc.ExistentialError as exc:
             raise FileNotFoundError(errno.ENOENT, f"no such segment: {name}") from exc
+        except posix_ipc.PermissionsError as exc:
+            raise PermissionError(errno.EACCES, f"no permission to open segment {name}") from exc
         fd = os.dup(shm.fd)
         shm.close_fd()
         return fd
@@ -120,6 +124,8 @@ def unlink(name: str, shm_dir: str | None = None) -> bool:
             return True
         except posix_ipc.ExistentialError:
             return False
+        except posix_ipc.PermissionsError as exc:
+            raise PermissionError(errno.EACCES, f"no permission to remove segment {name}") from exc
     try:
         os.unlink(os.path.join(norm_dir(shm_dir), name))
         return True
