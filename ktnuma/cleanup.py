@@ -67,6 +67,11 @@ def cleanup(dry_run: bool = False, scan_dirs: Sequence[str] | None = None) -> Re
                 continue
             if (shm.norm_dir(dd), name) in rep.segments:
                 continue
+            late = registry.get(parsed[0])  # a run that registered after the entries were read
+            if late is not None and registry.is_live(late):
+                owned.add(parsed[0])
+                rep.kept.append(parsed[0])
+                continue
             rep.segments.append((shm.norm_dir(dd), name))
             if not dry_run:
                 shm.unlink(name, dd)

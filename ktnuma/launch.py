@@ -255,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from .verify import add_to_manifest, verify_run
 
                 add_to_manifest(m, verify_run(plan, run_id, shm_dir))
+            published = True  # from here on a failure (even mid-publish) must remove the manifest
             publish(m, manifest_path)
-            published = True
             entry = registry.update(entry, state="detached" if args.detach else "held")
         except BaseException:
             shm.unlink_run(run_id, shm_dir)

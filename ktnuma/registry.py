@@ -53,9 +53,12 @@ def registry_dir(create: bool = True) -> str:
             raise RegistryError(f"run registry {d}: {e.strerror}; set XDG_RUNTIME_DIR to a writable directory") from None
         st = os.lstat(d)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            raise KtnumaError(f"run registry {d} is not a directory owned by uid {os.getuid()}")
+            raise RegistryError(f"run registry {d} is not a directory owned by uid {os.getuid()}")
         if stat.S_IMODE(st.st_mode) != 0o700:
-            os.chmod(d, 0o700)
+            try:
+                os.chmod(d, 0o700)
+            except OSError as e:
+                raise RegistryError(f"run registry {d}: cannot make it private (0700): {e.strerror}") from None
     return d
 
 
