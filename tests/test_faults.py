@@ -341,10 +341,8 @@ def test_space_vanishing_mid_run_exit_3_no_sigbus(synth_model, run_registry, tmp
 # ------------------------------------------------------------------ changed source / segment, --verify
 
 def _attach():
-    try:
-        from ktnuma.attachment import attach
-    except ImportError:
-        pytest.skip("ktnuma.attach is not there yet (engine-side engineer)")
+    from ktnuma.attachment import attach
+
     return attach
 
 
@@ -410,15 +408,14 @@ def test_verify_records_checksums_and_attach_rechecks(synth_model, run_registry,
         with pytest.raises(verify.VerifyFailed, match=re.escape(rec["segment"])) as ei:
             verify.check_manifest(str(man))
         assert f"expert {rec['experts'][0] + 1}" in str(ei.value) and f"layer {rec['layer']}" in str(ei.value)
-        try:
-            from ktnuma.attachment import attach
-        except ImportError:
-            attach = None
-        if attach is not None:
-            with attach(str(man), check_source=False):
-                pass
-            with pytest.raises(Exception, match=re.escape(rec["segment"])):
-                attach(str(man), verify=True)
+        from ktnuma.attachment import attach
+
+        with attach(str(man), check_source=False):
+            pass
+        from ktnuma.attachment import AttachError
+
+        with pytest.raises(AttachError, match=re.escape(rec["segment"])):
+            attach(str(man), verify=True)
     finally:
         assert run_module("release", str(man)).returncode == 0
 

@@ -15,6 +15,8 @@ import re
 import shutil
 import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -146,10 +148,8 @@ def test_launch_with_preexisting_name_exits_4_and_keeps_it(synth_model, run_regi
 # ------------------------------------------------------------------ attach (engine side)
 
 def _attach_mod():
-    try:
-        import ktnuma.attachment as mod
-    except ImportError:
-        pytest.skip("ktnuma.attach is not there yet (engine-side engineer)")
+    import ktnuma.attachment as mod
+
     return mod
 
 
@@ -162,10 +162,20 @@ def test_attach_refuses_segment_of_another_user(synth_model, run_registry, tmp_p
             assert a is not None
         victim = m["segments"][0]["name"]
         os.chown(os.path.join("/dev/shm", victim), 65534, 65534)
-        with pytest.raises(Exception, match=re.escape(victim)) as ei:
+        with pytest.raises(mod.SegmentMismatch, match=re.escape(victim)) as ei:
             with mod.attach(str(man)):
                 pass
-        assert "owner" in str(ei.value).lower() or "uid" in str(ei.value).lower() or "user" in str(ei.value).lower()
+        assert "uid 65534" in str(ei.value) and ei.value.exit_code == 2
+        # without the root capabilities that bypass file modes the segment cannot even be opened:
+        # still the named refusal (one line, exit 2), never posix_ipc's own exception
+        code = ("import sys, ktnuma\n"
+                "try:\n    ktnuma.attach(sys.argv[1])\n"
+                "except Exception as e:\n    print(type(e).__name__, getattr(e, 'exit_code', None), e)\n")
+        r = subprocess.run(["setpriv", "--inh-caps=-dac_override,-dac_read_search,-fowner",
+                            "--bounding-set=-dac_override,-dac_read_search,-fowner",
+                            sys.executable, "-c", code, str(man)], capture_output=True, text=True, timeout=60)
+        assert r.stdout.startswith("SegmentMismatch 2 "), r.stdout + r.stderr
+        assert victim in r.stdout and "permission denied" in r.stdout
     finally:
         run_module("release", str(man))
     assert shm.run_segments(m["run_id"]) == []
@@ -182,7 +192,7 @@ def test_attach_refuses_segment_of_unexpected_size(synth_model, run_registry, tm
             os.ftruncate(fd, s["size"] + 4096)
         finally:
             os.close(fd)
-        with pytest.raises(Exception, match=re.escape(s["name"])) as ei:
+        with pytest.raises(mod.SegmentMismatch, match=re.escape(s["name"])) as ei:
             with mod.attach(str(man)):
                 pass
         assert str(s["size"] + 4096) in str(ei.value) and str(s["size"]) in str(ei.value)

@@ -184,6 +184,14 @@ def test_layers_in_order_previous_released_all_removed(synth_model, run_registry
     assert _segments(prefix) == before and registry.entries() == []
 
 
+def _source_bytes(info, name: str) -> bytes:
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(info.files[0], "pt") as f:
+        return f.get_tensor(name).view(torch.uint8).numpy().tobytes()
+
+
 def test_prefetch_zero_and_exception_remove_everything(synth_model, run_registry, prefix):
     import ktnuma
 
@@ -192,7 +200,8 @@ def test_prefetch_zero_and_exception_remove_everything(synth_model, run_registry
     with ktnuma.stream(info.path, topology=TWO, split="ep", prefetch=0) as layers:
         for staged in layers:
             assert len(set(_segments(prefix)) - set(before)) <= 2
-            assert staged.tensor(5, "up", "weight").shape == (64, 64)  # ep: the holder is found
+            want = _source_bytes(info, f"model.layers.{staged.layer}.mlp.experts.5.up_proj.weight")
+            assert staged.tensor(5, "up", "weight").tobytes() == want  # ep: the holder is found
     with pytest.raises(RuntimeError, match="engine failed"):
         with ktnuma.stream(info.path, topology=TWO, split="ep") as layers:
             for staged in layers:

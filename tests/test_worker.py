@@ -156,7 +156,6 @@ def test_parent_pipe_closed_mid_job_removes_unfinished_segment(source):
             time.sleep(0.01)
         assert os.path.exists(shm.segment_path(name))
         assert w.close() == 0  # EOF: the worker abandons the job within its 30 s delay
-        assert w.p.stdout is None or True
         assert not os.path.exists(shm.segment_path(name))
     finally:
         shm.unlink(name)
