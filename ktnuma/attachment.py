@@ -39,15 +39,11 @@ from typing import Any
 
 from . import shm
 from .errors import BadInput, KtnumaError
+from .formats.dtypes import numpy_view
+from .model import KINDS, PROJS
 
 log = logging.getLogger(__name__)
 
-PROJS = ("gate", "up", "down")
-KINDS = ("weight", "scale")
-
-# manifest dtype -> numpy dtype of the view (one table)
-NP_DTYPES: dict[str, str] = {"u8": "u1", "i8": "i1", "i32": "<i4", "f16": "<f2", "f32": "<f4",
-                             "bf16": "<u2", "f8_e4m3": "u1"}
 # manifest dtype -> torch dtype the numpy view is reinterpreted as (same item size)
 TORCH_VIEWS: dict[str, tuple[str, str]] = {"bf16": ("int16", "bfloat16"),
                                            "f8_e4m3": ("uint8", "float8_e4m3fn")}
@@ -105,7 +101,7 @@ class ArrayRecord:
         if self.dtype.startswith("gguf:"):
             return "u1"
         try:
-            return NP_DTYPES[self.dtype]
+            return numpy_view(self.dtype)
         except KeyError:
             raise BadInput(f"staged array L{self.layer} n{self.node} {self.proj} {self.kind}: "
                            f"unknown dtype {self.dtype!r}") from None

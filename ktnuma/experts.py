@@ -15,11 +15,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from .cli import ranges
 from .config import load_config_json, lookup, quantization_config
 from .errors import BadInput, ConfigMismatch, FormatError, ModelError, UnsupportedQuantization
 from .formats import gguf as gguf_reader
 from .formats import safetensors as st_reader
-from .formats.dtypes import GGML_TYPES, itemsize
+from .formats.dtypes import FP8_BLOCK, GGML_TYPES, itemsize
 from .model import KINDS, PROJS, ModelConfig, ModelIndex, PieceGroup, SourceFile, TensorExtent
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,6 @@ ORIENTATION: dict[tuple[str, str], Orientation] = {
     ("mxfp4", "scale"): Orientation((("I", 1), ("H", 32)), "32-wide MXFP4 scale groups", "ue8m0->bf16", "bf16"),
     ("gguf", "weight"): Orientation((("I", 1), ("H", 1)), "{T} blocks of {block} weights"),
 }
-FP8_BLOCK = 128
 
 
 def _down(dims: tuple[tuple[str, int | str], ...]) -> tuple[tuple[str, int | str], ...]:
@@ -144,17 +144,7 @@ def parse_layers(spec: str | Iterable[int] | None) -> tuple[int, ...] | None:
     return tuple(sorted(out))
 
 
-def format_layers(layers: Iterable[int]) -> str:
-    ls = sorted(layers)
-    parts: list[str] = []
-    i = 0
-    while i < len(ls):
-        j = i
-        while j + 1 < len(ls) and ls[j + 1] == ls[j] + 1:
-            j += 1
-        parts.append(str(ls[i]) if i == j else f"{ls[i]}-{ls[j]}")
-        i = j + 1
-    return ",".join(parts)
+format_layers = ranges  # "1-3,7"
 
 
 # ---------------------------------------------------------------- reading the files

@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .formats.dtypes import GGML_TYPES
+from .formats.dtypes import FP8_BLOCK, GGML_TYPES
 
-FP8_BLOCK = 128
 MXFP4_GROUP = 32
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 

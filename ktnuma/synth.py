@@ -31,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from ktnuma.cli import ranges
 from ktnuma.formats.dtypes import GGML_TYPES, SAFETENSORS_DTYPES
 from ktnuma.formats.st_write import StTensor, write_safetensors
+from ktnuma.model import PROJS
 
 log = logging.getLogger(__name__)
 
-PROJS = ("gate", "up", "down")
 VOCAB = 256  # embedding rows: small, the vocabulary is not what is being tested
 ATTN_DIM = 64  # o_proj input width
 GGUF_FILE = "model.gguf"
@@ -938,10 +939,6 @@ def write_model(out_dir: str | os.PathLike[str], fmt: str = "bf16", *, naming: s
 # --------------------------------------------------------------------------- CLI
 
 
-def _layers_text(layers: Sequence[int]) -> str:
-    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m ktnuma.synth",
@@ -985,7 +982,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     extra = f" gguf_types={','.join(info.options['gguf_types'])}" if info.options.get("gguf_types") else ""
     print(f"wrote {info.path}: format={info.fmt}{extra} naming={info.naming} moe_layers="
-          f"{_layers_text(info.moe_layers)} experts={info.manifest_config['num_experts']} "
+          f"{ranges(info.moe_layers)} experts={info.manifest_config['num_experts']} "
           f"H={info.manifest_config['hidden_size']} I={info.manifest_config['moe_intermediate_size']} "
           f"tensors={info.tensor_count} bytes={info.nbytes} staged_bytes={info.staged_nbytes} files={len(info.files)}")
     return 0

@@ -18,6 +18,7 @@ import tomllib
 from dataclasses import dataclass
 
 from . import numa
+from .cli import ranges
 from .errors import TopologyError
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,8 @@ def load(path: str) -> Topology:
     if missing:
         nodes = _backed(ids, real)
         log.warning("%s: this machine lacks CPU(s) %s; remapped %d nodes onto real node(s) %s: %s",
-                    path, _fmt(missing), len(ids), ",".join(map(str, sorted(real))),
-                    "; ".join(f"node {n.id} -> real {n.real_node} cpus {_fmt(n.cpus)}" for n in nodes))
+                    path, ranges(missing), len(ids), ",".join(map(str, sorted(real))),
+                    "; ".join(f"node {n.id} -> real {n.real_node} cpus {ranges(n.cpus)}" for n in nodes))
     else:
         nodes = tuple(Node(id=nid, cpus=cs, real_node=_majority(cs, owner)) for nid, cs in zip(ids, cpus))
     simulated = flag or bool(missing) or any(n.id != n.real_node for n in nodes)
@@ -152,19 +153,6 @@ def _majority(cpus: tuple[int, ...], owner: dict[int, int]) -> int:
     for c in cpus:
         counts[owner[c]] = counts.get(owner[c], 0) + 1
     return min(counts, key=lambda r: (-counts[r], r))
-
-
-def _fmt(cpus) -> str:
-    """(0, 1, 2, 5) -> "0-2,5" (the kernel's list format)."""
-    out, ids = [], sorted(cpus)
-    i = 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 # ---------------------------------------------------------------- selection
@@ -182,7 +170,7 @@ def select(nodes: int | None = None, path: str | None = None, simulate: bool = T
             topo = Topology(nodes=topo.nodes[:nodes], simulated=topo.simulated, source=topo.source)
         if topo.simulated and not simulate:
             raise TopologyError(f"{path}: the topology is simulated on this machine (real node(s) "
-                                f"{_fmt(numa.real_nodes())}) and --no-simulate was given")
+                                f"{ranges(numa.real_nodes())}) and --no-simulate was given")
         return topo
 
     real = discover()
@@ -193,10 +181,10 @@ def select(nodes: int | None = None, path: str | None = None, simulate: bool = T
         return Topology(nodes=real.nodes[:nodes], simulated=False, source=real.source)
     if not simulate:
         raise TopologyError(f"--nodes {nodes} but this machine has {have} NUMA node(s) "
-                            f"({_fmt(real.ids)}); drop --no-simulate to simulate them")
+                            f"({ranges(real.ids)}); drop --no-simulate to simulate them")
     sim = _backed(list(range(nodes)), {n.id: n.cpus for n in real.nodes})
     log.warning("simulating %d NUMA nodes on %d real node(s): %s", nodes, have,
-                "; ".join(f"node {n.id} -> real {n.real_node} cpus {_fmt(n.cpus)}" for n in sim))
+                "; ".join(f"node {n.id} -> real {n.real_node} cpus {ranges(n.cpus)}" for n in sim))
     return Topology(nodes=sim, simulated=True, source=real.source)
 
 

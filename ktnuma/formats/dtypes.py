@@ -89,6 +89,15 @@ def gguf_dtype(t: GGMLType) -> str:
     return f"gguf:{t.name}"
 
 
+FP8_BLOCK = 128  # FP8 block scales cover 128 x 128 weights
+
+
+def numpy_view(dtype: str) -> str:
+    """numpy dtype of a view of staged `dtype` (raw bits where numpy has no type: bf16 -> <u2, f8 -> u1)."""
+    d = DTYPES[dtype]
+    return d.numpy or {1: "u1", 2: "<u2"}[d.itemsize]
+
+
 def itemsize(dtype: str) -> int:
     """Bytes per stored element for non-GGUF dtypes."""
     return DTYPES[dtype].itemsize

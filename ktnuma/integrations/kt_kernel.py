@@ -33,15 +33,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from ..errors import BadInput
-from ..formats.dtypes import GGML_TYPES
+from ..formats.dtypes import DTYPES, FP8_BLOCK, GGML_TYPES
+from ..model import KINDS, PROJS
 
 log = logging.getLogger(__name__)
 
-PROJS = ("gate", "up", "down")
-KINDS = ("weight", "scale")
 MODES = ("flat", "pointers")
 
-FP8_BLOCK = 128
 MXFP4_GROUP = 32
 LLAMAFILE_QK = 256  # llamafile splits I in QK_K blocks
 DEFAULT_MAX_LEN = 64
@@ -96,7 +94,6 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 
-_ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "u8": 1, "i8": 1, "f8_e4m3": 1}
 
 
 def _family(fmt: str) -> str:
@@ -154,7 +151,7 @@ class EngineSpec:
         if dtype.startswith("gguf:"):
             t = GGML_TYPES[dtype[5:]]
             return shape[0] * (shape[1] // t.block) * t.type_size
-        size = _ITEMSIZE[dtype]
+        size = DTYPES[dtype].itemsize
         for d in shape:
             size *= d
         return size
