@@ -15,7 +15,8 @@ import time
 from collections.abc import Sequence
 
 from . import cli, distributed, registry, shm
-from .errors import BadInput, Interrupted, NotEnoughMemory, SplitError
+from .errors import BadInput, Interrupted, SplitError
+from .preflight import check_memory
 
 log = logging.getLogger("ktnuma.launch")
 
@@ -171,34 +172,6 @@ def summary_table(s: dict) -> str:
 
 # ---------------------------------------------------------------- pre-flight
 
-def check_memory(plan, topology, shm_dir: str | None) -> None:
-    """Segments must fit the shm filesystem and each backing real node's MemAvailable."""
-    from .topology import real_mem_available
-
-    need = plan.total_bytes
-    where = shm.norm_dir(shm_dir)
-    try:
-        free = shm.free_bytes(shm_dir)
-    except FileNotFoundError:
-        raise BadInput(f"--shm-dir {where}: no such directory") from None
-    if need > free:
-        raise NotEnoughMemory(
-            f"staging needs {cli.human(need)} ({need} bytes) in {len(plan.segments)} segments but {where} "
-            f"has {cli.human(free)} free; enlarge it (e.g. `mount -o remount,size={-(-need // 2**30) + 1}G "
-            f"{where}`) or use --shm-dir on a larger tmpfs, or stage fewer --layers")
-    per_real: dict[int, int] = {}
-    real_of = {n.id: n.real_node for n in topology.nodes}
-    for s in plan.segments:
-        per_real[real_of[s.node]] = per_real.get(real_of[s.node], 0) + s.size
-    avail = real_mem_available(topology)
-    for r, b in sorted(per_real.items()):
-        if b > avail.get(r, 0):
-            raise NotEnoughMemory(
-                f"real NUMA node {r} must hold {cli.human(b)} ({b} bytes) of segments but has "
-                f"{cli.human(avail.get(r, 0))} available; free memory, use more --nodes, "
-                f"or stage fewer --layers")
-
-
 # ---------------------------------------------------------------- main
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SplitError as exc:  # name the model: the planner's message has the numbers and the way out
         raise SplitError(f"{os.path.abspath(index.root)}: {exc}") from None
     plan = make_plan(index, topology, args.split)
-    check_memory(plan, topology, shm_dir)
+    check_memory(plan.segments, topology, shm_dir)
     if args.io == "direct":
         from .worker import direct_ok
 

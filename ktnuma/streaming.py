@@ -26,7 +26,7 @@ from typing import Any
 
 from . import shm
 from .attachment import ArrayRecord, LayerView, Released, SegmentViews
-from .errors import BadInput, NotEnoughMemory
+from .errors import BadInput
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +126,13 @@ def _refuse_in_place(engine: Any) -> None:
                        "`python -m ktnuma.launch` and use ktnuma.attach instead (the segments then outlive the engine)")
 
 
-def _check_window(plan: Any, window: int, shm_dir: str | None) -> None:
-    per_layer = sorted((sum(s.size for s in plan.layer_segments(lyr)) for lyr in plan.layers), reverse=True)
-    need = sum(per_layer[:window])
-    try:
-        free = shm.free_bytes(shm_dir)
-    except FileNotFoundError:
-        raise BadInput(f"shm_dir {shm.norm_dir(shm_dir)}: no such directory") from None
-    if need > free:
-        raise NotEnoughMemory(f"ktnuma.stream: {window} layer(s) in flight need {need} bytes but "
-                              f"{shm.norm_dir(shm_dir)} has {free} free; lower prefetch or enlarge it")
+def _check_window(plan: Any, topology: Any, window: int, shm_dir: str | None) -> None:
+    """The `window` heaviest layers must fit at once (shm space and each backing node's memory)."""
+    from .preflight import check_memory
+
+    heaviest = sorted(plan.layers, key=lambda lyr: -sum(s.size for s in plan.layer_segments(lyr)))[:window]
+    check_memory([s for lyr in heaviest for s in plan.layer_segments(lyr)], topology, shm_dir,
+                 what=f"ktnuma.stream with {window} layer(s) in flight", way_out="lower prefetch")
 
 
 @contextmanager
@@ -166,7 +163,7 @@ def stream(model: str | os.PathLike[str], nodes: int | None = None, split: str =
     check_split(index, len(topo.nodes), split)
     plan = make_plan(index, topo, split)
     window = int(prefetch) + 1
-    _check_window(plan, window, sdir)
+    _check_window(plan, topo, window, sdir)
     run_id = shm.new_run_id()
     records = [ArrayRecord.from_json(r)
                for r in manifest_arrays(plan, lambda layer, node: shm.segment_name(run_id, layer, node))]

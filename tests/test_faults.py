@@ -293,8 +293,9 @@ def test_signal_while_staging_exit_130_nothing_left_no_orphans(sig, synth_model,
 def test_preflight_refuses_node_memavailable_with_numbers(synth_model, monkeypatch):
     """The per-node MemAvailable half of the pre-flight (the shm half: test_launch_cli). This machine has
     24 GB, so the node's MemAvailable is replaced by a small number; the plan is real."""
-    from ktnuma import launch, topology
+    from ktnuma import topology
     from ktnuma.errors import NotEnoughMemory
+    from ktnuma.preflight import check_memory
     from ktnuma.experts import index_model
     from ktnuma.plan import plan as make_plan
 
@@ -302,10 +303,18 @@ def test_preflight_refuses_node_memavailable_with_numbers(synth_model, monkeypat
     p = make_plan(index_model(synth_model("bf16").path), topo, "tp")
     monkeypatch.setattr(topology, "real_mem_available", lambda t: {0: 1_000_000})
     with pytest.raises(NotEnoughMemory) as ei:
-        launch.check_memory(p, topo, None)
+        check_memory(p.segments, topo, None)
     msg = str(ei.value)
     assert ei.value.exit_code == 3
     assert f"({p.total_bytes} bytes)" in msg and "node 0" in msg and "1.00 MB" in msg and "--nodes" in msg
+    # the handoff checks its window of layers the same way, before any segment exists
+    import ktnuma
+
+    before = session_segments()
+    with pytest.raises(NotEnoughMemory, match="in flight.*real NUMA node 0"):
+        with ktnuma.stream(synth_model("bf16").path, topology=TWO):
+            pass
+    assert session_segments() == before
 
 
 def test_space_vanishing_mid_run_exit_3_no_sigbus(synth_model, run_registry, tmp_path, tiny_tmpfs):

@@ -171,7 +171,6 @@ def test_refused_quantizations(tmp_path, variant, fmt, words):
 
 
 def test_missing_expert_and_inconsistent_shapes(tmp_path):
-    from ktnuma.formats.st_write import write_safetensors  # noqa: F401  (exists: synth's writer)
     import torch
     from safetensors.torch import save_file
 
