@@ -281,7 +281,9 @@ def index_model(path: str, format: str | None = None, layers: str | Iterable[int
     else:
         fmt_rule = _detect_rule(hits, paths, format)
         _check_quant_config(fmt_rule, cfg, root)
-    builder = _Builder(root, paths, rule, fmt_rule, hits, found, format)
+    # ModelIndex.root is what the manifest records as the model path: the file itself when one was named
+    where = os.path.abspath(path) if os.path.isfile(path) else root
+    builder = _Builder(where, paths, rule, fmt_rule, hits, found, format)
     return builder.build(want_layers)
 
 
