@@ -36,8 +36,10 @@ def test_quick_bench_json(tmp_path):
             assert s["bytes"] <= rows[case]["max_shm"] < s["bytes"] + (8 << 20), (case, rows[case])
         # staging drops the page cache of the expert ranges; the raw bound does not
         assert rows["ep"]["cache_left"] <= 0.05 and rows["tp"]["cache_left"] <= 0.05, rows
-        # kt-kernel's loader maps the model: its resident file pages count, shared libraries do not
-        assert rows["upstream"]["peak_model_files"] > 0 and rows["stream"]["peak_model_files"] == 0
+        # ktnuma's processes never map the model (shared libraries' file pages are not counted either;
+        # kt-kernel's loader maps it only briefly on this tiny model, so its share is not asserted here)
+        for case in ("ep", "tp", "stream"):
+            assert rows[case]["peak_model_files"] == 0, (case, rows[case])
     assert {t["target"].split(" ")[0] for t in s["targets"]} >= {"warm", "cold"}
     # nothing of ours is left in /dev/shm
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("ktnuma.raw.")]
