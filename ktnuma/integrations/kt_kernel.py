@@ -519,6 +519,20 @@ def forward(moe: LoadedMoE, cpuinfer: Any, x_bf16: Any, ids: Any, weights: Any, 
 
 
 
+def _dequantized(spec: EngineSpec, arrays: Mapping[tuple[str, str], Any], used: Sequence[int]) -> dict[str, dict[int, Any]]:
+    """Torch reference weights {proj: {expert: W[N, K] float32}} of the experts `used`, from an engine's arrays."""
+    from .. import reference as R
+
+    deq: dict[str, dict[int, Any]] = {p: {} for p in PROJS}
+    for proj in PROJS:
+        n, k = spec._nk(proj)
+        wt, sc = arrays[(proj, "weight")], arrays.get((proj, "scale"))
+        for e in used:
+            deq[proj][e] = R.dequantize(spec.format, wt[e], None if sc is None else sc[e], n=n, k=k,
+                                        group_size=spec.group_size)
+    return deq
+
+
 def self_check(
     moe: LoadedMoE,
     cpuinfer: Any,
@@ -543,13 +557,7 @@ def self_check(
     w = rng.random((q, spec.experts_per_tok), dtype=np.float32)
     out = forward(moe, cpuinfer, x, ids, w)
     used = sorted(set(ids.ravel().tolist()))
-    deq: dict[str, dict[int, Any]] = {p: {} for p in PROJS}
-    for proj in PROJS:
-        n, k = spec._nk(proj)
-        wt, sc = arrays[(proj, "weight")], arrays.get((proj, "scale"))
-        for e in used:
-            deq[proj][e] = R.dequantize(spec.format, wt[e], None if sc is None else sc[e], n=n, k=k,
-                                        group_size=spec.group_size)
+    deq = _dequantized(spec, arrays, used)
     ref = R.moe_forward(x, ids, w, deq["gate"], deq["up"], deq["down"])
     err = R.rel_l1(out, ref)
     log.info("self-check %s layer_idx=%d: rel L1 %.4f", spec.engine_class, moe.layer_idx, err)
@@ -731,14 +739,7 @@ def layer_reference(engines: LayerEngines, x: Any, ids: Any, weights: Any) -> An
     used = sorted(set(ids_np.ravel().tolist()))
     total = None
     for moe, src in zip(engines.parts, engines.sources):
-        spec = moe.spec
-        deq: dict[str, dict[int, Any]] = {p: {} for p in PROJS}
-        for proj in PROJS:
-            n, k = spec._nk(proj)
-            wt, sc = src[(proj, "weight")], src.get((proj, "scale"))
-            for e in used:
-                deq[proj][e] = R.dequantize(spec.format, wt[e], None if sc is None else sc[e], n=n, k=k,
-                                            group_size=spec.group_size)
+        deq = _dequantized(moe.spec, src, used)
         ref = R.moe_forward(x, ids, weights, deq["gate"], deq["up"], deq["down"]).float()
         total = ref if total is None else total + ref
     return total
