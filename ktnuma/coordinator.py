@@ -245,6 +245,27 @@ class _Proc:
                 pass
 
 
+@dataclass
+class Workers:
+    """Workers started before the plan exists: their interpreters start while the caller indexes and
+    plans. A Run adopts them (`Run(..., workers=...)`); unadopted ones exit when stopped or when this
+    process's end closes their stdin."""
+
+    events: queue.Queue
+    procs: dict[int, _Proc]
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.stop(2.0)
+        self.procs.clear()
+
+
+def prespawn(topology) -> Workers:
+    events: queue.Queue = queue.Queue()
+    env = worker_env()
+    return Workers(events, {n.id: _Proc(n, 1, events, None, None, env=env) for n in topology.nodes})
+
+
 class Run:
     """A staging run over a Plan. Context manager; on exit without :meth:`keep` (or on an
     exception) every worker is stopped and every segment of the run unlinked."""
@@ -252,7 +273,8 @@ class Run:
     def __init__(self, plan: Plan, topology, *, run_id: str, shm_dir: str | None = None,
                  layers_in_flight: int = 2, retries: int = 2,
                  progress: Callable[[ProgressEvent], None] | None = None,
-                 stream: bool = False, drop_cache: bool = True, io: str = "buffered") -> None:
+                 stream: bool = False, drop_cache: bool = True, io: str = "buffered",
+                 workers: Workers | None = None) -> None:
         if layers_in_flight < 1:
             raise BadInput(f"layers_in_flight must be >= 1, got {layers_in_flight}")
         if retries < 0:
@@ -283,8 +305,9 @@ class Run:
         self.created: set[str] = set()  # every segment name a job was sent for
         self.foreign: set[str] = set()  # names that existed before we tried to create them
         self.procs: dict[int, _Proc] = {}
-        self.gen = 0
-        self.events: queue.Queue = queue.Queue()
+        self._pre = workers
+        self.gen = 1 if workers is not None else 0
+        self.events: queue.Queue = workers.events if workers is not None else queue.Queue()
         self.t0 = 0.0
         self.kept = False
         self.closed = False
@@ -306,8 +329,17 @@ class Run:
     def start(self) -> None:
         self.t0 = time.perf_counter()
         for n in self.topology.nodes:
-            if self.pending[n.id]:
+            pre = self._pre.procs.pop(n.id, None) if self._pre is not None else None
+            if not self.pending[n.id]:
+                if pre is not None:
+                    pre.stop(2.0)  # a node with nothing to stage (ep, more nodes than experts)
+            elif pre is not None:
+                pre.init(list(self.plan.files), self.shm_dir, self.io)
+                self.procs[n.id] = pre
+            else:
                 self._spawn(n)
+        if self._pre is not None:
+            self._pre.stop()  # workers for nodes this topology does not have
         self._dispatch()
 
     def keep(self) -> None:

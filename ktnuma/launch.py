@@ -183,11 +183,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shm_dir is not None and not os.path.isdir(shm_dir):
         raise BadInput(f"--shm-dir {shm_dir}: no such directory")
 
-    from .experts import index_model
-    from .plan import check_split, plan as make_plan
+    from .coordinator import prespawn
     from .topology import select
 
     topology = select(args.nodes, args.topology, simulate=not args.no_simulate)
+    workers = prespawn(topology)  # their interpreters start while we index and plan
+    try:
+        return _stage(args, sig, shm_dir, topology, workers)
+    finally:
+        workers.stop()  # the ones the run did not adopt (an error before staging)
+
+
+def _stage(args: argparse.Namespace, sig: Signals, shm_dir: str | None, topology, workers) -> int:
+    from .experts import index_model
+    from .plan import check_split, plan as make_plan
+
     index = index_model(args.model, format=args.format, layers=args.layers)
     index = distributed.restrict(index)  # under torchrun: this rank's experts only
     try:
@@ -220,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = stage(index, topology, args.split, run_id=run_id, shm_dir=shm_dir, plan=plan,
                        layers_in_flight=args.layers_in_flight, retries=args.retries, progress=reporter,
-                       io=args.io)
+                       io=args.io, workers=workers)
         reporter.end()
         try:
             m = build(index, topology, plan, result, run_id=run_id, shm_dir=shm_dir)
