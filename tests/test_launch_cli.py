@@ -64,6 +64,36 @@ def test_detach_json_ready_release(synth_model, run_registry, tmp_path):
     assert shm.run_segments(m["run_id"]) == [] and not man.exists() and entries(run_registry) == []
 
 
+def test_more_nodes_than_experts_ep_and_one_node_tp(synth_model, run_registry, tmp_path):
+    """Edge cases: ep over 4 nodes with 2 experts (nodes 2, 3 get no segment and pointer 0; their
+    workers, started before planning, exit), and tp on one node (whole pieces, slice null)."""
+    import ktnuma
+
+    info = synth_model("bf16", experts=2, layers=1, hidden=64, intermediate=64, mtp=False)
+    man = tmp_path / "ep.json"
+    r = run_module("launch", "--nodes", "4", "--split", "ep", "--detach", "--quiet", "--manifest", str(man), info.path)
+    assert r.returncode == 0, r.stderr
+    try:
+        m = json.loads(man.read_text())
+        assert sorted((s["layer"], s["node"]) for s in m["segments"]) == [(1, 0), (1, 1)]
+        with ktnuma.attach(str(man)) as att:
+            rows = att.pointers(1, "gate", "weight")
+            assert [[bool(a) for a in row] for row in rows] == [[True, False], [False, True], [False, False],
+                                                                [False, False]]
+    finally:
+        assert run_module("release", str(man)).returncode == 0
+    man = tmp_path / "tp1.json"
+    r = run_module("launch", "--nodes", "1", "--detach", "--quiet", "--manifest", str(man), info.path)
+    assert r.returncode == 0, r.stderr
+    try:
+        m = json.loads(man.read_text())
+        assert {a["slice"] is None for a in m["arrays"]} == {True}
+        assert {tuple(a["experts"]) for a in m["arrays"]} == {(0, 2)}
+    finally:
+        assert run_module("release", str(man)).returncode == 0
+    assert shm.run_segments(m["run_id"]) == []
+
+
 def _start(args, env=None):
     e = dict(os.environ)
     e.update(env or {})
