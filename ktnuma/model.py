@@ -4,7 +4,7 @@ Nothing here does I/O. `ModelIndex` is the single hand-off from `formats`/`exper
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 PROJS: tuple[str, ...] = ("gate", "up", "down")
 KINDS: tuple[str, ...] = ("weight", "scale")
@@ -127,7 +127,6 @@ class ModelIndex:
     groups: tuple[PieceGroup, ...]
     all_layers: tuple[int, ...] = ()
     shards: int | None = None  # amx pre-sharded: number of `.numa.{n}` shards
-    notes: tuple[str, ...] = field(default=())
 
     def layer_groups(self, layer: int) -> tuple[PieceGroup, ...]:
         return tuple(g for g in self.groups if g.layer == layer)
