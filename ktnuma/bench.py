@@ -245,6 +245,12 @@ def ensure_model(cache: str, fmt: str, quick: bool, size: float | None, nodes: i
         with open(stamp) as f:
             return path, json.load(f)
     info = synth.write_model(path, fmt, **kw)
+    for f in info.files:  # dirty pages cannot be dropped from the page cache: write them back first
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     meta = {"staged_nbytes": info.staged_nbytes, "layers": list(info.moe_layers)}
     with open(stamp, "w") as f:
         json.dump(meta, f)
