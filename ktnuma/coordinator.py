@@ -193,7 +193,8 @@ class _Proc:
         cmd = [sys.executable, "-S", "-m", "ktnuma.worker", "--node", str(node.id),
                "--real-node", str(node.real_node), "--cpus", ",".join(map(str, node.cpus))]
         env = env or worker_env()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        # own process group: a terminal's Ctrl-C reaches the coordinator only (workers follow the pipe)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, process_group=0,
                                      close_fds=True, env=env)
         self.job: tuple[SegmentPlan, str, int] | None = None  # (segment, name, attempt)
         self.events = events
@@ -320,7 +321,11 @@ class Run:
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Run:
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # __exit__ will not run: stop the workers and remove what they made
+            self.close(remove=True)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -356,11 +361,19 @@ class Run:
         if self.closed:
             return
         self.closed = True
-        for p in list(self.procs.values()):
-            p.close_stdin()
-        for p in list(self.procs.values()):
-            p.stop()
-        self.procs.clear()
+        try:
+            for p in list(self.procs.values()):
+                p.close_stdin()
+            for p in list(self.procs.values()):
+                p.stop()
+        finally:  # even if a signal interrupts the stops: no worker outlives the run, no segment stays
+            for p in list(self.procs.values()):
+                if p.proc.poll() is None:
+                    p.proc.kill()
+                    p.proc.wait()
+            self.procs.clear()
+            if remove:
+                self.remove_segments()
         if self.drop_cache and self.completed:
             # a final pass once every worker has exited, widened to FOLIO_ALIGN: the page cache
             # keeps large folios, and DONTNEED only evicts folios wholly inside the range, so
@@ -371,13 +384,14 @@ class Run:
         for fd in self._drop_fds.values():
             os.close(fd)
         self._drop_fds.clear()
-        if remove:
-            self.remove_segments()
 
     def remove_segments(self) -> None:
         for name in sorted(self.created | set(self.segment_names()) | set(shm.run_segments(self.run_id, self.shm_dir))):
             if name not in self.foreign:
-                shm.unlink(name, self.shm_dir)
+                try:
+                    shm.unlink(name, self.shm_dir)
+                except OSError as exc:  # not ours to remove (another user's object): go on with the rest
+                    log.warning("cannot remove segment %s: %s", name, exc)
 
     # ------------------------------------------------------------------ workers
     def _spawn(self, node) -> _Proc:
@@ -465,9 +479,9 @@ class Run:
                 raise SegmentExists(f"segment {name} already exists (not created by this run); refusing to "
                                     "attach to, resize or remove it", self.foreign)
             if kind == "nospace":
-                raise NotEnoughMemory(f"{text}: the shared-memory filesystem "
-                                      f"{shm.norm_dir(self.shm_dir)} is full; enlarge it "
-                                      "(mount -o remount,size=NG /dev/shm) or use --shm-dir")
+                where = shm.norm_dir(self.shm_dir)
+                raise NotEnoughMemory(f"{text}: the shared-memory filesystem {where} is full; enlarge it "
+                                      f"(mount -o remount,size=NG {where}) or use --shm-dir on a larger tmpfs")
             if kind == "input":
                 raise BadInput(text)
             if p.job is None:

@@ -245,6 +245,13 @@ def _stage(args: argparse.Namespace, sig: Signals, shm_dir: str | None, topology
             shm.unlink_run(run_id, shm_dir)
             raise
         distributed.ready(manifest_path, run_id)  # under torchrun: every rank ok, or exit non-zero
+        # from here on a signal means "release the held run" (foreground) or nothing (detach), never
+        # "abort": `ready` may be on its way to the reader
+        if args.detach:
+            detached = True
+            sig.ignore()
+        else:
+            sig.mode = "holding"
         s = summary(result, topology, manifest_path, index)
         if not args.quiet:
             print(summary_table(s), file=sys.stderr, flush=True)
@@ -252,11 +259,9 @@ def _stage(args: argparse.Namespace, sig: Signals, shm_dir: str | None, topology
             print(json.dumps(s), flush=True)
         print(f"ready {manifest_path}", flush=True)
         if args.detach:
-            detached = True
             return 0
-        sig.mode = "holding"
-        while sig.got is None:
-            signal.pause()
+        while sig.got is None:  # a short sleep, not pause(): no window between the check and the wait
+            time.sleep(0.2)
         sig.ignore()
         log.info("%s: removing run %s", Signals.NAMES.get(sig.got, sig.got), run_id)
         return 0
@@ -270,7 +275,10 @@ def _stage(args: argparse.Namespace, sig: Signals, shm_dir: str | None, topology
             for name in set(shm.run_segments(run_id, shm_dir)) | {
                     shm.segment_name(run_id, seg.layer, seg.node) for seg in plan.segments}:
                 if name not in protected:
-                    shm.unlink(name, shm_dir)
+                    try:
+                        shm.unlink(name, shm_dir)
+                    except OSError as exc:  # not ours (another user's object): remove the rest
+                        log.warning("cannot remove segment %s: %s", name, exc)
             if published:
                 try:
                     os.unlink(manifest_path)

@@ -143,13 +143,19 @@ class Worker:
     def fd(self, i: int) -> int:
         fd = self.fds.get(i)
         if fd is None:
-            fd = self.fds[i] = os.open(self.files[i], os.O_RDONLY | os.O_CLOEXEC)
+            with self.lock:  # pool threads race here: open each file once
+                fd = self.fds.get(i)
+                if fd is None:
+                    fd = self.fds[i] = os.open(self.files[i], os.O_RDONLY | os.O_CLOEXEC)
         return fd
 
     def dfd(self, i: int) -> int:
         fd = self.dfds.get(i)
         if fd is None:
-            fd = self.dfds[i] = os.open(self.files[i], os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            with self.lock:
+                fd = self.dfds.get(i)
+                if fd is None:
+                    fd = self.dfds[i] = os.open(self.files[i], os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
         return fd
 
     def bounce(self, n: int) -> memoryview:
@@ -303,9 +309,16 @@ class Worker:
         if self.pool is None or len(ops) < 2:
             for it in items:
                 one(it)
-        else:
-            for _ in self.pool.map(one, items):
-                pass
+        else:  # wait for every op, even after a failure: none may outlive the job's fds
+            futures = [self.pool.submit(one, it) for it in items]
+            first: BaseException | None = None
+            for f in futures:
+                try:
+                    f.result()
+                except BaseException as exc:  # noqa: BLE001 - the first one is re-raised below
+                    first = first or exc
+            if first is not None:
+                raise first
 
     # ------------------------------------------------------------------ one job
     def job(self, msg: dict) -> dict:
@@ -343,6 +356,7 @@ class Worker:
             mm = None
             seconds = time.perf_counter() - t0
             nbytes = sum(a["count"] * a["stride"] for a in msg["arrays"])
+            self.check()  # a parent gone by now gets no finished segment left behind
             self.unfinished.remove(name)
             return {"op": "done", **base, "size": size, "bytes": nbytes, "seconds": seconds,
                     "placement": placement}
