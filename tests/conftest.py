@@ -27,13 +27,17 @@ def _ktnuma_segments() -> set[str]:
         return set()
 
 
-def pytest_sessionfinish(session, exitstatus):
-    left = _ktnuma_segments()
-    for name in left:
+def _remove(names) -> None:
+    for name in names:
         try:
             os.unlink(os.path.join(SHM, name))
         except FileNotFoundError:
             pass
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left = _ktnuma_segments()
+    _remove(left)
     if left:
         print(f"\nktnuma: the test session left {len(left)} segment(s) in {SHM} (removed): {sorted(left)[:5]}")
         session.exitstatus = 1
@@ -45,11 +49,7 @@ def shm_leak_check():
     before = _ktnuma_segments()
     yield
     left = _ktnuma_segments() - before
-    for name in left:
-        try:
-            os.unlink(os.path.join(SHM, name))
-        except FileNotFoundError:
-            pass
+    _remove(left)
     if left:
         pytest.fail(f"test left {len(left)} shared-memory segment(s) in {SHM}: {sorted(left)[:5]}")
 

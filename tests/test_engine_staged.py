@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_module
+from test_kt_kernel import CASES  # format -> (hidden, intermediate, group size), shapes per engine-facts
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("kt_kernel")
@@ -35,16 +36,6 @@ log = logging.getLogger(__name__)
 TWO = str(REPO / "configs/topologies/two-node.toml")
 Q = 12  # tokens: llamafile's grouped path starts at 10
 
-# format -> (hidden, intermediate, group size)
-CASES = {
-    "bf16": (64, 64, None),
-    "fp8": (128, 256, None),
-    "gptq-int4": (64, 64, 32),
-    "rawint4": (64, 64, 32),
-    "mxfp4": (64, 64, None),
-    "gguf:Q8_0": (256, 512, None),
-    "gguf:Q4_K": (256, 512, None),
-}
 
 
 # ---------------------------------------------------------------- the upstream way of reading
