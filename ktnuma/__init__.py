@@ -12,11 +12,11 @@ __all__ = ["attach", "stream", "__version__"]
 
 def __getattr__(name: str) -> Any:  # lazy engine-side entry points
     if name == "attach":
-        from .attachment import attach
+        from ktnuma.engine.attachment import attach
 
         return attach
     if name == "stream":
-        from .streaming import stream
+        from ktnuma.engine.streaming import stream
 
         return stream
     raise AttributeError(name)

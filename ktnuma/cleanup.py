@@ -14,7 +14,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from . import cli, registry, shm
+from ktnuma import cli
+from ktnuma.stage import registry
+from ktnuma.host import shm
 
 log = logging.getLogger("ktnuma.cleanup")
 

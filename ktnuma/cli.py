@@ -7,7 +7,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from .errors import KtnumaError
+from ktnuma.errors import KtnumaError
+from ktnuma.text import human, ranges  # noqa: F401  (re-exported for the CLI modules)
 
 
 def setup_logging(prog: str, quiet: bool = False, verbose: int = 0) -> None:
@@ -49,26 +50,3 @@ def run(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[s
         where = f"{err.filename}: " if err.filename else ""
         print(f"ktnuma {prog}: error: {where}{err.strerror or err}", file=sys.stderr, flush=True)
         return 3 if err.errno == errno.ENOSPC else 2
-
-
-def human(n: float) -> str:
-    """Bytes in decimal units (GB = 1e9), like the GB/s figures."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"  # pragma: no cover
-
-
-def ranges(ids) -> str:
-    """(0, 1, 2, 5) -> "0-2,5": the kernel's list format, also used for --layers."""
-    out: list[str] = []
-    ls = sorted(ids)
-    i = 0
-    while i < len(ls):
-        j = i
-        while j + 1 < len(ls) and ls[j + 1] == ls[j] + 1:
-            j += 1
-        out.append(str(ls[i]) if i == j else f"{ls[i]}-{ls[j]}")
-        i = j + 1
-    return ",".join(out)

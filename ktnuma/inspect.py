@@ -5,11 +5,11 @@ import argparse
 import json
 import sys
 
-from .cli import human, run
+from ktnuma.cli import human, run
 
 
 def describe(path: str, fmt: str | None = None, layers: str | None = None) -> dict:
-    from .experts import format_layers, index_model, layer_bytes
+    from ktnuma.index.experts import format_layers, index_model, layer_bytes
 
     idx = index_model(path, format=fmt, layers=layers)
     per_layer = layer_bytes(idx)

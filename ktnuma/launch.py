@@ -14,9 +14,12 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import cli, distributed, registry, shm
-from .errors import BadInput, Interrupted, SplitError
-from .preflight import check_memory
+from ktnuma import cli
+from ktnuma.stage import distributed
+from ktnuma.stage import registry
+from ktnuma.host import shm
+from ktnuma.errors import BadInput, Interrupted, SplitError
+from ktnuma.host.preflight import check_memory
 
 log = logging.getLogger("ktnuma.launch")
 
@@ -183,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shm_dir is not None and not os.path.isdir(shm_dir):
         raise BadInput(f"--shm-dir {shm_dir}: no such directory")
 
-    from .coordinator import prespawn
-    from .topology import select
+    from ktnuma.stage.coordinator import prespawn
+    from ktnuma.host.topology import select
 
     topology = select(args.nodes, args.topology, simulate=not args.no_simulate)
     workers = prespawn(topology)  # their interpreters start while we index and plan
@@ -195,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _stage(args: argparse.Namespace, sig: Signals, shm_dir: str | None, topology, workers) -> int:
-    from .experts import index_model
-    from .plan import check_split, plan as make_plan
+    from ktnuma.index.experts import index_model
+    from ktnuma.plan.planner import check_split, plan as make_plan
 
     index = index_model(args.model, format=args.format, layers=args.layers)
     index = distributed.restrict(index)  # under torchrun: this rank's experts only
@@ -207,7 +210,7 @@ def _stage(args: argparse.Namespace, sig: Signals, shm_dir: str | None, topology
     plan = make_plan(index, topology, args.split)
     check_memory(plan.segments, topology, shm_dir)
     if args.io == "direct":
-        from .worker import direct_ok
+        from ktnuma.stage.worker import direct_ok
 
         refused = [f for f in plan.files if not direct_ok(f)]
         if refused:
@@ -225,8 +228,8 @@ def _stage(args: argparse.Namespace, sig: Signals, shm_dir: str | None, topology
     reporter = Reporter(args.quiet, topology)
     try:
         entry = registry.register(run_id, manifest_path, shm.norm_dir(shm_dir))
-        from .coordinator import stage
-        from .manifest import build, publish
+        from ktnuma.stage.coordinator import stage
+        from ktnuma.stage.manifest import build, publish
 
         result = stage(index, topology, args.split, run_id=run_id, shm_dir=shm_dir, plan=plan,
                        layers_in_flight=args.layers_in_flight, retries=args.retries, progress=reporter,
@@ -235,7 +238,7 @@ def _stage(args: argparse.Namespace, sig: Signals, shm_dir: str | None, topology
         try:
             m = build(index, topology, plan, result, run_id=run_id, shm_dir=shm_dir)
             if args.verify:
-                from .verify import add_to_manifest, verify_run
+                from ktnuma.stage.verify import add_to_manifest, verify_run
 
                 add_to_manifest(m, verify_run(plan, run_id, shm_dir))
             published = True  # from here on a failure (even mid-publish) must remove the manifest

@@ -7,8 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import cli, registry, shm
-from .manifest import load
+from ktnuma import cli
+from ktnuma.stage import registry
+from ktnuma.host import shm
+from ktnuma.stage.manifest import load
 
 log = logging.getLogger("ktnuma.release")
 
@@ -34,7 +36,7 @@ def _global_index(manifest_path: str, run_id: str) -> str | None:
     """Rank 0 of a multi-host run also wrote `<stem>.global.json`; it goes with rank 0's manifest."""
     import json
 
-    from .distributed import global_path
+    from ktnuma.stage.distributed import global_path
 
     path = global_path(manifest_path)
     try:

@@ -66,7 +66,7 @@ def run_registry(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def synth_model(tmp_path_factory):
     """synth_model(fmt, **kw) -> SynthInfo, written once per session per argument set."""
-    from ktnuma.synth import write_model
+    from ktnuma.tools.synth import write_model
 
     cache: dict = {}
 

@@ -12,9 +12,9 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from ktnuma.formats.dtypes import CONVERSIONS, convert
-from ktnuma.model import ModelIndex, PieceGroup
-from ktnuma.plan import ArrayPlan, Plan
+from ktnuma.index.dtypes import CONVERSIONS, convert
+from ktnuma.index.model import ModelIndex, PieceGroup
+from ktnuma.plan.planner import ArrayPlan, Plan
 
 FILL = 0xEE
 

@@ -19,9 +19,9 @@ from conftest import REPO, run_module
 torch = pytest.importorskip("torch")
 
 import ktnuma  # noqa: E402
-from ktnuma import shm  # noqa: E402
-from ktnuma.attachment import AttachError, SegmentMismatch, SegmentMissing, SourceChanged  # noqa: E402
-from ktnuma.manifest import ManifestError  # noqa: E402
+from ktnuma.host import shm  # noqa: E402
+from ktnuma.engine.attachment import AttachError, SegmentMismatch, SegmentMissing, SourceChanged  # noqa: E402
+from ktnuma.stage.manifest import ManifestError  # noqa: E402
 
 TWO = str(REPO / "configs/topologies/two-node.toml")
 HF = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}

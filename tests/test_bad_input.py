@@ -364,7 +364,7 @@ def _alarm(signum, frame):  # noqa: ARG001
 @given(data=st.data(), kind=st.sampled_from(["flip", "truncate", "insert", "length", "bigshape", "bigoffset"]))
 def test_fuzz_parser_allocation_bounded_and_never_hangs(tmp_path_factory, data, kind):
     from ktnuma.errors import FormatError
-    from ktnuma.formats.safetensors import read_file
+    from ktnuma.index.safetensors import read_file
 
     blob = bytearray(struct.pack("<Q", len(_BASE)) + _BASE + bytes(64 * 12))
     if kind == "flip":
@@ -408,7 +408,7 @@ def test_fuzz_parser_allocation_bounded_and_never_hangs(tmp_path_factory, data, 
 def test_declared_header_below_cap_but_beyond_file_allocates_nothing(tmp_path):
     """A 99 MB header length (under the 100 MB cap) on a 100-byte file: refused before any read."""
     from ktnuma.errors import HeaderOutOfBounds
-    from ktnuma.formats.safetensors import read_file
+    from ktnuma.index.safetensors import read_file
 
     p = tmp_path / "f.safetensors"
     st_write(p, b"{}" + bytes(90), b"", declared=99 * 2 ** 20)

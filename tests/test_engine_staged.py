@@ -28,8 +28,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("kt_kernel")
 
 import ktnuma  # noqa: E402
-from ktnuma import reference as R  # noqa: E402
-from ktnuma import shm  # noqa: E402
+from ktnuma.tools import reference as R  # noqa: E402
+from ktnuma.host import shm  # noqa: E402
 from ktnuma.integrations import kt_kernel as K  # noqa: E402
 
 log = logging.getLogger(__name__)

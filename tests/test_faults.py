@@ -27,7 +27,7 @@ import zlib
 import pytest
 
 from conftest import SESSION_TAG, run_module
-from ktnuma import shm
+from ktnuma.host import shm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -293,11 +293,11 @@ def test_signal_while_staging_exit_130_nothing_left_no_orphans(sig, synth_model,
 def test_preflight_refuses_node_memavailable_with_numbers(synth_model, monkeypatch):
     """The per-node MemAvailable half of the pre-flight (the shm half: test_launch_cli). This machine has
     24 GB, so the node's MemAvailable is replaced by a small number; the plan is real."""
-    from ktnuma import topology
+    from ktnuma.host import topology
     from ktnuma.errors import NotEnoughMemory
-    from ktnuma.preflight import check_memory
-    from ktnuma.experts import index_model
-    from ktnuma.plan import plan as make_plan
+    from ktnuma.host.preflight import check_memory
+    from ktnuma.index.experts import index_model
+    from ktnuma.plan.planner import plan as make_plan
 
     topo = topology.select(path=TWO)
     p = make_plan(index_model(synth_model("bf16").path), topo, "tp")
@@ -350,7 +350,7 @@ def test_space_vanishing_mid_run_exit_3_no_sigbus(synth_model, run_registry, tmp
 # ------------------------------------------------------------------ changed source / segment, --verify
 
 def _attach():
-    from ktnuma.attachment import attach
+    from ktnuma.engine.attachment import attach
 
     return attach
 
@@ -384,8 +384,8 @@ def test_source_changed_under_detached_run_refused_unless_opted_out(synth_model,
 
 
 def test_verify_records_checksums_and_attach_rechecks(synth_model, run_registry, tmp_path):
-    from ktnuma import verify
-    from ktnuma.manifest import load
+    from ktnuma.stage import verify
+    from ktnuma.stage.manifest import load
     from test_staging import verify_in_subprocess
 
     man = tmp_path / "m.json"
@@ -417,11 +417,11 @@ def test_verify_records_checksums_and_attach_rechecks(synth_model, run_registry,
         with pytest.raises(verify.VerifyFailed, match=re.escape(rec["segment"])) as ei:
             verify.check_manifest(str(man))
         assert f"expert {rec['experts'][0] + 1}" in str(ei.value) and f"layer {rec['layer']}" in str(ei.value)
-        from ktnuma.attachment import attach
+        from ktnuma.engine.attachment import attach
 
         with attach(str(man), check_source=False):
             pass
-        from ktnuma.attachment import AttachError
+        from ktnuma.engine.attachment import AttachError
 
         with pytest.raises(AttachError, match=re.escape(rec["segment"])):
             attach(str(man), verify=True)
@@ -430,11 +430,11 @@ def test_verify_records_checksums_and_attach_rechecks(synth_model, run_registry,
 
 
 def test_verify_run_catches_a_corrupted_segment(synth_model):
-    from ktnuma.coordinator import stage
-    from ktnuma.experts import index_model
-    from ktnuma.plan import plan as make_plan
-    from ktnuma.topology import select
-    from ktnuma.verify import VerifyFailed, source_checksums, verify_run
+    from ktnuma.stage.coordinator import stage
+    from ktnuma.index.experts import index_model
+    from ktnuma.plan.planner import plan as make_plan
+    from ktnuma.host.topology import select
+    from ktnuma.stage.verify import VerifyFailed, source_checksums, verify_run
 
     topo = select(path=TWO)
     index = index_model(synth_model("fp8").path)

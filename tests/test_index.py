@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 from ktnuma import errors as E
-from ktnuma.experts import index_model, parse_layers
-from ktnuma.synth import FORMAT_NAMES, write_model
+from ktnuma.index.experts import index_model, parse_layers
+from ktnuma.tools.synth import FORMAT_NAMES, write_model
 
 CASES = [(f, None) for f in FORMAT_NAMES] + [
     ("bf16", "mixtral"), ("bf16", "mistral"), ("bf16", "qwen-packed"), ("fp8", "mixtral"),

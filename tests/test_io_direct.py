@@ -25,7 +25,7 @@ DISK = "/var/tmp"
 
 @pytest.fixture(scope="module")
 def disk_models():
-    from ktnuma.worker import direct_ok
+    from ktnuma.stage.worker import direct_ok
 
     root = tempfile.mkdtemp(prefix="ktnuma-iodirect.", dir=DISK)
     probe = os.path.join(root, "probe")
@@ -37,7 +37,7 @@ def disk_models():
     cache: dict = {}
 
     def make(fmt: str, **kw):
-        from ktnuma.synth import write_model
+        from ktnuma.tools.synth import write_model
 
         key = (fmt, tuple(sorted(kw.items())))
         if key not in cache:
@@ -63,12 +63,12 @@ CASES = [("bf16", "tp", {}), ("bf16", "ep", {}), ("fp8", "tp", {}), ("gguf:Q4_K"
 
 @pytest.mark.parametrize("fmt,split,kw", CASES, ids=[f"{f}-{s}" for f, s, _ in CASES])
 def test_direct_staging_is_byte_exact_and_bypasses_the_page_cache(fmt, split, kw, disk_models, tmp_path):
-    from ktnuma import shm
-    from ktnuma.coordinator import stage
-    from ktnuma.experts import index_model
-    from ktnuma.manifest import build, publish
-    from ktnuma.plan import plan as make_plan
-    from ktnuma.topology import select
+    from ktnuma.host import shm
+    from ktnuma.stage.coordinator import stage
+    from ktnuma.index.experts import index_model
+    from ktnuma.stage.manifest import build, publish
+    from ktnuma.plan.planner import plan as make_plan
+    from ktnuma.host.topology import select
 
     info = disk_models(fmt, **kw)
     topo = select(path=TOPOS[2])
@@ -98,8 +98,8 @@ def test_direct_staging_is_byte_exact_and_bypasses_the_page_cache(fmt, split, kw
 
 
 def test_tmpfs_source_falls_back_with_one_warning(synth_model, tmp_path, run_registry):
-    from ktnuma.synth import write_model
-    from ktnuma.worker import direct_ok
+    from ktnuma.tools.synth import write_model
+    from ktnuma.stage.worker import direct_ok
 
     src = tempfile.mkdtemp(prefix="iodirect-test.", dir="/dev/shm")  # tmpfs: refuses O_DIRECT before Linux 6.6
     try:

@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ktnuma import reference as R  # noqa: E402
+from ktnuma.tools import reference as R  # noqa: E402
 from ktnuma.errors import BadInput  # noqa: E402
 from ktnuma.integrations import kt_kernel as K  # noqa: E402
 

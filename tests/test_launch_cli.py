@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import run_module
-from ktnuma import shm
+from ktnuma.host import shm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO = os.path.join(REPO, "configs/topologies/two-node.toml")
@@ -192,7 +192,7 @@ def test_worker_failure_exit_4_leaves_nothing(synth_model, run_registry, tmp_pat
 
 
 def test_cleanup_dead_unowned_live_and_foreign(synth_model, run_registry, tmp_path, tiny_tmpfs):
-    from ktnuma import registry
+    from ktnuma.stage import registry
 
     scan = tiny_tmpfs("8m")
     # a run whose owner died while holding: detach it, then rewrite its entry as a dead holder

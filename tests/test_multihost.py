@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import SESSION_TAG
-from ktnuma import distributed as D
+from ktnuma.stage import distributed as D
 from ktnuma.errors import BadInput
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,8 +68,8 @@ def test_host_map_file_errors_name_the_file(tmp_path):
 @pytest.mark.parametrize("split,nodes", [("tp", 2), ("ep", 4), ("ep", 2)])
 def test_restricted_plans_tile_the_model(synth_model, split, nodes):
     """Each rank's plan is valid for its restricted index; together they hold every piece once."""
-    from ktnuma.experts import index_model
-    from ktnuma.plan import manifest_arrays, plan, validate
+    from ktnuma.index.experts import index_model
+    from ktnuma.plan.planner import manifest_arrays, plan, validate
 
     info = synth_model("fp8")
     index = index_model(info.path)
@@ -111,7 +111,7 @@ def test_detection(monkeypatch):
 def test_single_host_path_never_imports_torch():
     code = ("import sys, os\n"
             "for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'): os.environ.pop(k, None)\n"
-            "from ktnuma import launch, distributed\n"
+            "from ktnuma import launch\nfrom ktnuma.stage import distributed\n"
             "assert distributed.wrap(launch.main, launch.parse_args) is launch.main\n"
             "assert distributed.restrict('idx') == 'idx'\n"
             "distributed.ready('m', 'r')\n"

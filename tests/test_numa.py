@@ -1,4 +1,4 @@
-"""ktnuma.numa on this machine: real libnuma calls, real POSIX shm, real processes."""
+"""ktnuma.host.numa on this machine: real libnuma calls, real POSIX shm, real processes."""
 from __future__ import annotations
 
 import errno
@@ -13,7 +13,7 @@ from pathlib import Path
 import posix_ipc
 import pytest
 
-from ktnuma import numa
+from ktnuma.host import numa
 from ktnuma.errors import BadInput, KtnumaError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_missing_node_raises_named_error(segment, call, node):
 
 
 def test_missing_node_in_fresh_process_does_not_crash():
-    r = run_py("from ktnuma import numa\n"
+    r = run_py("from ktnuma.host import numa\n"
                "try:\n    numa.bind_process_memory(4096)\n"
                "except numa.NodeNotFound as e:\n    print('refused:', e)\n")
     assert r.returncode == 0, r.stderr
@@ -165,7 +165,7 @@ def test_address_of_buffers():
 # ---------------------------------------------------------------- policy
 
 def test_default_policy_and_bind_process_memory_in_child():
-    r = run_py("from ktnuma import numa\n"
+    r = run_py("from ktnuma.host import numa\n"
                "print(numa.get_mempolicy())\n"
                "numa.bind_process_memory(0)\n"
                "print(numa.get_mempolicy())\n"
@@ -222,7 +222,7 @@ def test_pinned_process_bound_segment_placement_100pct_on_node_0():
 
 def test_pin_cpus_in_child():
     cpu = min(os.sched_getaffinity(0))
-    r = run_py(f"import os; from ktnuma import numa; numa.pin_cpus([{cpu}]); "
+    r = run_py(f"import os; from ktnuma.host import numa; numa.pin_cpus([{cpu}]); "
                "print(sorted(os.sched_getaffinity(0)))")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"[{cpu}]"

@@ -78,7 +78,7 @@ def test_placement_on_two_real_nodes(hardware):
 def test_launch_stages_each_node_slice_on_its_node(hardware, tmp_path):
     """The whole main job on a real two-node kernel: `launch --nodes 2` (no simulation) stages a model
     with tp and with ep, and every segment's pages read back by move_pages lie on its own node."""
-    from ktnuma.synth import write_model
+    from ktnuma.tools.synth import write_model
 
     info = write_model(tmp_path / "model", "bf16", layers=2, experts=4, hidden=256, intermediate=256, mtp=False)
     script = tmp_path / "stage.sh"

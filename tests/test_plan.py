@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ktnuma.errors import SplitError, TopologyError
-from ktnuma.formats.dtypes import GGML_TYPES, itemsize
-from ktnuma.model import PROJS, ModelConfig, ModelIndex, PieceGroup, SourceFile
-from ktnuma.plan import (
+from ktnuma.index.dtypes import GGML_TYPES, itemsize
+from ktnuma.index.model import PROJS, ModelConfig, ModelIndex, PieceGroup, SourceFile
+from ktnuma.plan.planner import (
     ALIGN,
     PAGE,
     Plan,
@@ -576,7 +576,7 @@ def test_deepseek_v3_sized_plan_is_fast_and_compact():
 
 
 # ------------------------------------------------------------------------------------------
-# Real synth checkpoints, indexed by ktnuma.experts
+# Real synth checkpoints, indexed by ktnuma.index.experts
 # ------------------------------------------------------------------------------------------
 SYNTH_CASES = [
     ("bf16", {}),
@@ -598,8 +598,8 @@ SYNTH_CASES = [
 
 @pytest.mark.parametrize("fmt,kw", SYNTH_CASES, ids=[f"{f}-{'-'.join(map(str, k.values()))}" for f, k in SYNTH_CASES])
 def test_synth_models_every_format_and_split(tmp_path, fmt, kw):
-    synth = pytest.importorskip("ktnuma.synth")
-    from ktnuma.experts import index_model
+    synth = pytest.importorskip("ktnuma.tools.synth")
+    from ktnuma.index.experts import index_model
 
     synth.write_model(tmp_path, fmt, layers=2, experts=5, hidden=256, intermediate=512, shards=1, seed=3, **kw)
     idx = index_model(str(tmp_path))
@@ -618,8 +618,8 @@ def test_synth_models_every_format_and_split(tmp_path, fmt, kw):
 
 
 def test_synth_refusal_on_misaligned_fp8(tmp_path):
-    synth = pytest.importorskip("ktnuma.synth")
-    from ktnuma.experts import index_model
+    synth = pytest.importorskip("ktnuma.tools.synth")
+    from ktnuma.index.experts import index_model
 
     synth.write_model(tmp_path, "fp8", layers=1, experts=2, hidden=128, intermediate=384, seed=1)
     idx = index_model(str(tmp_path))

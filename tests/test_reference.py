@@ -7,8 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
-from ktnuma import reference as R  # noqa: E402
-from ktnuma.formats.dtypes import convert  # noqa: E402
+from ktnuma.tools import reference as R  # noqa: E402
+from ktnuma.index.dtypes import convert  # noqa: E402
 
 RNG = np.random.default_rng(1234)
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ktnuma import errors as E
-from ktnuma.formats.safetensors import HEADER_CAP, read_file, shard_paths
+from ktnuma.index.safetensors import HEADER_CAP, read_file, shard_paths
 
 
 def write_st(path, header: dict | bytes, data: bytes = b"", declared_len: int | None = None) -> str:

@@ -21,7 +21,7 @@ import sys
 import pytest
 
 from conftest import SESSION_TAG, run_module
-from ktnuma import shm
+from ktnuma.host import shm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO = os.path.join(REPO, "configs/topologies/two-node.toml")
@@ -67,9 +67,9 @@ def test_segments_manifest_registry_owner_only_and_names_unguessable(synth_model
 
 
 def _stage(info, run_id, shm_dir=None):
-    from ktnuma.coordinator import stage
-    from ktnuma.experts import index_model
-    from ktnuma.topology import select
+    from ktnuma.stage.coordinator import stage
+    from ktnuma.index.experts import index_model
+    from ktnuma.host.topology import select
 
     return stage(index_model(info.path), select(path=TWO), "tp", run_id=run_id, shm_dir=shm_dir)
 
@@ -78,7 +78,7 @@ def _stage(info, run_id, shm_dir=None):
 def test_preexisting_segment_name_is_never_attached_resized_or_removed(where, synth_model, tiny_tmpfs):
     """Pre-create the name a run will use (the run id is ours to pick in-process): the run fails
     naming it, the foreign object keeps its size and bytes, the run's own segments are all gone."""
-    from ktnuma.coordinator import SegmentExists
+    from ktnuma.stage.coordinator import SegmentExists
 
     info = synth_model("bf16")
     d = None if where == "posix" else tiny_tmpfs("32m")
@@ -101,7 +101,7 @@ def test_preexisting_segment_name_is_never_attached_resized_or_removed(where, sy
 
 def test_symlink_planted_at_segment_name_is_not_followed(synth_model, tiny_tmpfs, tmp_path):
     """--shm-dir files are created O_CREAT|O_EXCL|O_NOFOLLOW: a symlink at the name is never written through."""
-    from ktnuma.coordinator import SegmentExists
+    from ktnuma.stage.coordinator import SegmentExists
 
     info = synth_model("bf16")
     d = tiny_tmpfs("32m")
@@ -148,7 +148,7 @@ def test_launch_with_preexisting_name_exits_4_and_keeps_it(synth_model, run_regi
 # ------------------------------------------------------------------ attach (engine side)
 
 def _attach_mod():
-    import ktnuma.attachment as mod
+    import ktnuma.engine.attachment as mod
 
     return mod
 

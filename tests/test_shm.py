@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from ktnuma import shm
+from ktnuma.host import shm
 
 
 @pytest.fixture(params=["posix", "dir"])

@@ -28,9 +28,9 @@ def verify_manifest(path: str) -> dict:
     """Map every segment of the manifest; compare every piece with the numpy reference."""
     import numpy as np
 
-    from ktnuma import shm
-    from ktnuma.experts import index_model
-    from ktnuma.manifest import load
+    from ktnuma.host import shm
+    from ktnuma.index.experts import index_model
+    from ktnuma.stage.manifest import load
     from planexec import reference_piece
 
     m = load(path)
@@ -141,12 +141,12 @@ CASES = [(f, n, s) for f in FORMATS for n in (2, 4) for s in ("tp", "ep")
 
 
 def _stage_and_publish(info, nodes, split, tmp_path, **kw):
-    from ktnuma import shm
-    from ktnuma.coordinator import stage
-    from ktnuma.experts import index_model
-    from ktnuma.manifest import build, publish
-    from ktnuma.plan import check_split, plan as make_plan
-    from ktnuma.topology import select
+    from ktnuma.host import shm
+    from ktnuma.stage.coordinator import stage
+    from ktnuma.index.experts import index_model
+    from ktnuma.stage.manifest import build, publish
+    from ktnuma.plan.planner import check_split, plan as make_plan
+    from ktnuma.host.topology import select
 
     topo = select(path=TOPOS[nodes])
     index = index_model(info.path)
@@ -163,7 +163,7 @@ def _stage_and_publish(info, nodes, split, tmp_path, **kw):
 
 @pytest.mark.parametrize("fmt,nodes,split", CASES, ids=[f"{f}-{n}n-{s}" for f, n, s in CASES])
 def test_stage_every_format_verified_by_separate_process(fmt, nodes, split, synth_model, tmp_path):
-    from ktnuma import shm
+    from ktnuma.host import shm
 
     info = synth_model(fmt, intermediate=_intermediate(fmt, nodes, split))
     m, path, res = _stage_and_publish(info, nodes, split, tmp_path)
@@ -181,8 +181,8 @@ def test_stage_every_format_verified_by_separate_process(fmt, nodes, split, synt
 
 def test_refused_split_leaves_nothing(synth_model):
     from ktnuma.errors import SplitError
-    from ktnuma.experts import index_model
-    from ktnuma.plan import check_split
+    from ktnuma.index.experts import index_model
+    from ktnuma.plan.planner import check_split
 
     index = index_model(synth_model("fp8").path)
     with pytest.raises(SplitError, match="128"):
@@ -190,7 +190,7 @@ def test_refused_split_leaves_nothing(synth_model):
 
 
 def test_worker_death_is_retried_and_result_exact(synth_model, tmp_path, monkeypatch):
-    from ktnuma import shm
+    from ktnuma.host import shm
 
     info = synth_model("bf16")
     layer = info.moe_layers[-1]
@@ -207,11 +207,11 @@ def test_worker_death_is_retried_and_result_exact(synth_model, tmp_path, monkeyp
 
 
 def test_worker_death_after_retries_fails_and_removes_everything(synth_model, monkeypatch):
-    from ktnuma import shm
-    from ktnuma.coordinator import stage
+    from ktnuma.host import shm
+    from ktnuma.stage.coordinator import stage
     from ktnuma.errors import WorkerFailed
-    from ktnuma.experts import index_model
-    from ktnuma.topology import select
+    from ktnuma.index.experts import index_model
+    from ktnuma.host.topology import select
 
     info = synth_model("bf16")
     layer = info.moe_layers[-1]
@@ -224,11 +224,11 @@ def test_worker_death_after_retries_fails_and_removes_everything(synth_model, mo
 
 
 def test_enospc_in_worker_is_not_enough_memory(synth_model, tiny_tmpfs):
-    from ktnuma import shm
-    from ktnuma.coordinator import stage
+    from ktnuma.host import shm
+    from ktnuma.stage.coordinator import stage
     from ktnuma.errors import NotEnoughMemory
-    from ktnuma.experts import index_model
-    from ktnuma.topology import select
+    from ktnuma.index.experts import index_model
+    from ktnuma.host.topology import select
 
     d = tiny_tmpfs("2m")  # the tiny bf16 model needs 6 MB: the pre-flight is bypassed on purpose
     run_id = shm.new_run_id()
@@ -240,7 +240,7 @@ def test_enospc_in_worker_is_not_enough_memory(synth_model, tiny_tmpfs):
 
 
 def test_shm_dir_backend(synth_model, tiny_tmpfs, tmp_path):
-    from ktnuma import shm
+    from ktnuma.host import shm
 
     d = tiny_tmpfs("64m")
     m, path, _ = _stage_and_publish(synth_model("rawint4"), 2, "tp", tmp_path, shm_dir=d)
@@ -252,11 +252,11 @@ def test_shm_dir_backend(synth_model, tiny_tmpfs, tmp_path):
 
 
 def test_run_iterator_streams_layers_in_order_with_bounded_memory(synth_model):
-    from ktnuma import shm
-    from ktnuma.coordinator import Run
-    from ktnuma.experts import index_model
-    from ktnuma.plan import plan as make_plan
-    from ktnuma.topology import select
+    from ktnuma.host import shm
+    from ktnuma.stage.coordinator import Run
+    from ktnuma.index.experts import index_model
+    from ktnuma.plan.planner import plan as make_plan
+    from ktnuma.host.topology import select
 
     info = synth_model("bf16", layers=5, mtp=False)
     topo = select(path=TOPOS[2])
@@ -277,11 +277,11 @@ def test_run_iterator_streams_layers_in_order_with_bounded_memory(synth_model):
 
 
 def test_exception_in_consumer_removes_everything(synth_model):
-    from ktnuma import shm
-    from ktnuma.coordinator import Run
-    from ktnuma.experts import index_model
-    from ktnuma.plan import plan as make_plan
-    from ktnuma.topology import select
+    from ktnuma.host import shm
+    from ktnuma.stage.coordinator import Run
+    from ktnuma.index.experts import index_model
+    from ktnuma.plan.planner import plan as make_plan
+    from ktnuma.host.topology import select
 
     topo = select(path=TOPOS[2])
     p = make_plan(index_model(synth_model("bf16").path), topo, "ep")
@@ -295,7 +295,7 @@ def test_exception_in_consumer_removes_everything(synth_model):
 
 
 def test_page_cache_of_experts_dropped(synth_model, tmp_path):
-    from ktnuma import shm
+    from ktnuma.host import shm
 
     info = synth_model("bf16", intermediate=512)
     for f in info.files:  # clean (written back: dirty pages cannot be dropped) and fully cached

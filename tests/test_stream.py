@@ -83,7 +83,7 @@ def measure(mode: str, model: str, prefetch: int = 1) -> dict:
     from safetensors import safe_open
 
     import ktnuma
-    from ktnuma.experts import index_model
+    from ktnuma.index.experts import index_model
     from ktnuma.integrations import kt_kernel as K
 
     cpu = K.make_cpuinfer(threads=2)
@@ -154,8 +154,8 @@ def prefix():
 
 def test_layers_in_order_previous_released_all_removed(synth_model, run_registry, prefix):
     import ktnuma
-    from ktnuma import registry
-    from ktnuma.attachment import Released
+    from ktnuma.stage import registry
+    from ktnuma.engine.attachment import Released
 
     info = synth_model("fp8", hidden=128, intermediate=256, layers=4, mtp=False)
     before = _segments(prefix)

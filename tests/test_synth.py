@@ -1,4 +1,4 @@
-"""ktnuma.synth and ktnuma.formats.st_write: models of every format, read back with the upstream readers.
+"""ktnuma.tools.synth and ktnuma.tools.st_write: models of every format, read back with the upstream readers.
 
 Expected names, dtypes and shapes are spelled out here from the design's formats table, independently of
 synth's own tables, so that a wrong template in synth fails these tests.
@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ktnuma import synth
-from ktnuma.formats.st_write import StTensor, header_bytes, write_safetensors
+from ktnuma.tools import synth
+from ktnuma.tools.st_write import StTensor, header_bytes, write_safetensors
 
 H, I, E, LAYERS = 256, 256, 4, 2
 SMALL = {"hidden": H, "intermediate": I, "experts": E, "layers": LAYERS}

@@ -1,4 +1,4 @@
-"""ktnuma.topology: discovery, topology files, --nodes/--topology/--no-simulate rules."""
+"""ktnuma.host.topology: discovery, topology files, --nodes/--topology/--no-simulate rules."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,8 @@ from pathlib import Path
 import posix_ipc
 import pytest
 
-from ktnuma import numa, topology
+from ktnuma.host import numa
+from ktnuma.host import topology
 from ktnuma.errors import TopologyError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ ALLOWED = os.sched_getaffinity(0)
 
 def warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.levelno == logging.WARNING and r.name == "ktnuma.topology"]
+            if r.levelno == logging.WARNING and r.name == "ktnuma.host.topology"]
 
 
 def assert_round_robin(topo: topology.Topology) -> None:

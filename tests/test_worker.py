@@ -11,8 +11,8 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from ktnuma import shm
-from ktnuma.plan import ArrayPlan
+from ktnuma.host import shm
+from ktnuma.plan.planner import ArrayPlan
 
 RNG = np.random.default_rng(7)
 

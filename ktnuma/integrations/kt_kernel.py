@@ -32,9 +32,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from ..errors import BadInput
-from ..formats.dtypes import DTYPES, FP8_BLOCK, GGML_TYPES
-from ..model import KINDS, PROJS
+from ktnuma.errors import BadInput
+from ktnuma.index.dtypes import DTYPES, FP8_BLOCK, GGML_TYPES
+from ktnuma.index.model import KINDS, PROJS
 
 log = logging.getLogger(__name__)
 
@@ -521,7 +521,7 @@ def forward(moe: LoadedMoE, cpuinfer: Any, x_bf16: Any, ids: Any, weights: Any, 
 
 def _dequantized(spec: EngineSpec, arrays: Mapping[tuple[str, str], Any], used: Sequence[int]) -> dict[str, dict[int, Any]]:
     """Torch reference weights {proj: {expert: W[N, K] float32}} of the experts `used`, from an engine's arrays."""
-    from .. import reference as R
+    from ktnuma.tools import reference as R
 
     deq: dict[str, dict[int, Any]] = {p: {} for p in PROJS}
     for proj in PROJS:
@@ -547,7 +547,7 @@ def self_check(
     import numpy as np
     import torch
 
-    from .. import reference as R
+    from ktnuma.tools import reference as R
 
     spec = moe.spec
     rng = np.random.default_rng(seed)
@@ -733,7 +733,7 @@ def layer_reference(engines: LayerEngines, x: Any, ids: Any, weights: Any) -> An
     dequantized weights (tp: the node slices; ep: all experts)."""
     import numpy as np
 
-    from .. import reference as R
+    from ktnuma.tools import reference as R
 
     ids_np = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids)
     used = sorted(set(ids_np.ravel().tolist()))
@@ -763,7 +763,7 @@ def check_layer(engines: LayerEngines, cpuinfer: Any, *, tokens: int = 12, seed:
     Returns (relative L1, forward seconds); raises BadInput above the backend's tolerance."""
     import time
 
-    from .. import reference as R
+    from ktnuma.tools import reference as R
 
     x, ids, w = random_tokens(engines.spec, tokens, seed)
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import posix_ipc  # noqa: E402
 
-from ktnuma import numa  # noqa: E402
+from ktnuma.host import numa  # noqa: E402
 
 
 def pattern(tag: int, size: int) -> bytes:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
-from ktnuma.formats.dtypes import SAFETENSORS_DTYPES
+from ktnuma.index.dtypes import SAFETENSORS_DTYPES
 
 # bytes-like: bytes, bytearray, memoryview or a C-contiguous numpy array
 Producer = Callable[[], object]

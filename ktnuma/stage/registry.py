@@ -15,8 +15,8 @@ import stat
 import time
 from dataclasses import asdict, dataclass, replace
 
-from .errors import KtnumaError
-from .manifest import proc_start_time, write_atomic
+from ktnuma.errors import KtnumaError
+from ktnuma.stage.manifest import proc_start_time, write_atomic
 
 log = logging.getLogger(__name__)
 

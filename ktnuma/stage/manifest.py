@@ -10,8 +10,8 @@ import os
 import tempfile
 from typing import Any
 
-from . import shm
-from .errors import BadInput
+from ktnuma.host import shm
+from ktnuma.errors import BadInput
 
 VERSION = 1
 REQUIRED_KEYS = ("ktnuma_manifest", "run_id", "owner", "split", "shm_dir", "model", "config",
@@ -43,7 +43,7 @@ def topology_record(topology) -> dict:
 def build(index, topology, plan, result, *, run_id: str, shm_dir: str | None,
           owner_pid: int | None = None) -> dict[str, Any]:
     """The manifest dict of a completed run (`result`: coordinator.StageResult)."""
-    from .plan import manifest_arrays
+    from ktnuma.plan.planner import manifest_arrays
 
     pid = owner_pid or os.getpid()
     placements = {s.name: s.placement for s in result.segments}

@@ -24,9 +24,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from . import shm
-from .attachment import ArrayRecord, LayerView, Released, SegmentViews
-from .errors import BadInput
+from ktnuma.host import shm
+from ktnuma.engine.attachment import ArrayRecord, LayerView, Released, SegmentViews
+from ktnuma.errors import BadInput
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Stream:
 def _refuse_in_place(engine: Any) -> None:
     if engine is None:
         return
-    from .integrations.kt_kernel import copies_at_load
+    from ktnuma.integrations.kt_kernel import copies_at_load
 
     if isinstance(engine, str):
         engine = (engine, "flat")
@@ -128,7 +128,7 @@ def _refuse_in_place(engine: Any) -> None:
 
 def _check_window(plan: Any, topology: Any, window: int, shm_dir: str | None) -> None:
     """The `window` heaviest layers must fit at once (shm space and each backing node's memory)."""
-    from .preflight import check_memory
+    from ktnuma.host.preflight import check_memory
 
     heaviest = sorted(plan.layers, key=lambda lyr: -sum(s.size for s in plan.layer_segments(lyr)))[:window]
     check_memory([s for lyr in heaviest for s in plan.layer_segments(lyr)], topology, shm_dir,
@@ -144,11 +144,11 @@ def stream(model: str | os.PathLike[str], nodes: int | None = None, split: str =
     `nodes`/`topology`/`split`/`layers`/`shm_dir`/`format`/`retries` mean what they mean for
     `launch`; `prefetch` is how many layers the workers stage ahead of the one held; `engine`
     ((backend, mode[, tp]) or a backend name) refuses engines that read in place."""
-    from . import registry
-    from .coordinator import Run
-    from .experts import index_model
-    from .plan import check_split, manifest_arrays, plan as make_plan
-    from .topology import select
+    from ktnuma.stage import registry
+    from ktnuma.stage.coordinator import Run
+    from ktnuma.index.experts import index_model
+    from ktnuma.plan.planner import check_split, manifest_arrays, plan as make_plan
+    from ktnuma.host.topology import select
 
     _refuse_in_place(engine)
     if int(prefetch) < 0:

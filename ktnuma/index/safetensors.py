@@ -9,20 +9,9 @@ import os
 import struct
 from typing import Any
 
-from ..errors import (
-    FormatError,
-    HeaderOutOfBounds,
-    HeaderTooLarge,
-    InvalidHeaderJSON,
-    OffsetsOutOfBounds,
-    OverlappingTensors,
-    ShapeMismatch,
-    TruncatedFile,
-    UnknownDtype,
-    UnsafeShardPath,
-)
-from ..model import TensorExtent
-from .dtypes import SAFETENSORS_DTYPES
+from ktnuma.errors import FormatError, HeaderOutOfBounds, HeaderTooLarge, InvalidHeaderJSON, OffsetsOutOfBounds, OverlappingTensors, ShapeMismatch, TruncatedFile, UnknownDtype, UnsafeShardPath
+from ktnuma.index.model import TensorExtent
+from ktnuma.index.dtypes import SAFETENSORS_DTYPES
 
 HEADER_CAP = 100 * 1024 * 1024  # bytes; the safetensors library's own limit
 INDEX_NAME = "model.safetensors.index.json"

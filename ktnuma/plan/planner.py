@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigMismatch, KtnumaError, SplitError, TopologyError
-from .formats.dtypes import CONVERSIONS
-from .model import KINDS, PROJS, ModelIndex, PieceGroup
+from ktnuma.errors import ConfigMismatch, KtnumaError, SplitError, TopologyError
+from ktnuma.index.dtypes import CONVERSIONS
+from ktnuma.index.model import KINDS, PROJS, ModelIndex, PieceGroup
 
 ALIGN = 64  # every stacked array starts 64-byte aligned inside its segment
 

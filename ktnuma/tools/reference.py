@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .formats.dtypes import FP8_BLOCK, GGML_TYPES
+from ktnuma.index.dtypes import FP8_BLOCK, GGML_TYPES
 
 MXFP4_GROUP = 32
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)

@@ -37,10 +37,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import shm
-from .errors import BadInput, KtnumaError
-from .formats.dtypes import numpy_view
-from .model import KINDS, PROJS
+from ktnuma.host import shm
+from ktnuma.errors import BadInput, KtnumaError
+from ktnuma.index.dtypes import numpy_view
+from ktnuma.index.model import KINDS, PROJS
 
 log = logging.getLogger(__name__)
 
@@ -411,9 +411,9 @@ def _check_source(path: str, m: dict) -> None:
 def _verify(path: str, m: dict) -> None:
     """Re-plan the model for the manifest's topology and check the layout, then every staged byte:
     against the checksums `launch --verify` recorded, or else against the source itself."""
-    from .experts import index_model
-    from .plan import manifest_arrays, plan as make_plan
-    from .verify import check_manifest, recorded, verify_run
+    from ktnuma.index.experts import index_model
+    from ktnuma.plan.planner import manifest_arrays, plan as make_plan
+    from ktnuma.stage.verify import check_manifest, recorded, verify_run
 
     index = index_model(m["model"]["path"], format=m["model"]["format"], layers=m["config"]["layers"])
     node_ids = [n["id"] for n in m["topology"]["nodes"]]
@@ -434,7 +434,7 @@ def attach(manifest_path: str | os.PathLike[str], *, writable: bool = False, ver
            check_source: bool = True) -> Attached:
     """Map a published run's segments (see the module doc). Raises AttachError (exit 2) naming the
     manifest and the reason: wrong version, a missing / resized / foreign segment, a changed model file."""
-    from .manifest import load
+    from ktnuma.stage.manifest import load
 
     path = os.fspath(manifest_path)
     m = load(path)

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from . import shm
-from .errors import BadInput, KtnumaError, NotEnoughMemory, WorkerFailed
-from .plan import ArrayPlan, Plan, SegmentPlan
+from ktnuma.host import shm
+from ktnuma.errors import BadInput, KtnumaError, NotEnoughMemory, WorkerFailed
+from ktnuma.plan.planner import ArrayPlan, Plan, SegmentPlan
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class SegmentExists(WorkerFailed):
 
 
 FOLIO_ALIGN = 2 << 20  # the largest page-cache folio the final drop pass expects (PMD size)
-_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the dir holding ktnuma/
 
 
 def worker_env() -> dict[str, str]:
@@ -602,7 +602,7 @@ def stage(index, topology, split: str, *, run_id: str, shm_dir: str | None = Non
     """Stage every segment of the plan; keep them and return the result. On any exception
     (including one raised by a signal handler) the run's segments are all unlinked."""
     if plan is None:
-        from .plan import plan as make_plan
+        from ktnuma.plan.planner import plan as make_plan
 
         plan = make_plan(index, topology, split)
     with Run(plan, topology, run_id=run_id, shm_dir=shm_dir, layers_in_flight=layers_in_flight,

@@ -9,7 +9,7 @@ import json
 import os
 from typing import Any
 
-from .errors import InvalidHeaderJSON
+from ktnuma.errors import InvalidHeaderJSON
 
 # key -> candidates in priority order. config.json keys are looked up in `text_config` first (Qwen3.5
 # VL and similar nest the language model's config there), then at the top level. GGUF keys are

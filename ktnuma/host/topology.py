@@ -17,9 +17,9 @@ import os
 import tomllib
 from dataclasses import dataclass
 
-from . import numa
-from .cli import ranges
-from .errors import TopologyError
+from ktnuma.host import numa
+from ktnuma.text import ranges
+from ktnuma.errors import TopologyError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from array import array
 from collections.abc import Iterable
 from functools import lru_cache
 
-from .errors import BadInput, KtnumaError
+from ktnuma.errors import BadInput, KtnumaError
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import shm
-from .errors import WorkerFailed
+from ktnuma.host import shm
+from ktnuma.errors import WorkerFailed
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def source_piece(a, k: int, fds: Mapping[int, int]) -> bytes:
         raise VerifyFailed(f"--verify: source file ended early reading layer {a.layer} {a.proj} {a.kind} "
                            f"expert {a.first + k} (was it changed?)")
     if a.conversion:
-        from .formats.dtypes import convert
+        from ktnuma.index.dtypes import convert
 
         out = bytearray(a.stride)
         convert(a.conversion, src, memoryview(out))
@@ -158,7 +158,7 @@ def check(manifest: Mapping[str, Any], buffer_of: Callable[[str], Any],
 
 def check_manifest(manifest_path: str) -> int:
     """Map every segment of a published manifest read-only and :func:`check` it."""
-    from .manifest import load
+    from ktnuma.stage.manifest import load
 
     m = load(manifest_path)
     shm_dir = None if shm.is_posix(m["shm_dir"]) else m["shm_dir"]

@@ -15,13 +15,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .cli import ranges
-from .config import load_config_json, lookup, quantization_config
-from .errors import BadInput, ConfigMismatch, FormatError, ModelError, UnsupportedQuantization
-from .formats import gguf as gguf_reader
-from .formats import safetensors as st_reader
-from .formats.dtypes import FP8_BLOCK, GGML_TYPES, itemsize
-from .model import KINDS, PROJS, ModelConfig, ModelIndex, PieceGroup, SourceFile, TensorExtent
+from ktnuma.text import ranges
+from ktnuma.index.config import load_config_json, lookup, quantization_config
+from ktnuma.errors import BadInput, ConfigMismatch, FormatError, ModelError, UnsupportedQuantization
+from ktnuma.index import gguf as gguf_reader
+from ktnuma.index import safetensors as st_reader
+from ktnuma.index.dtypes import FP8_BLOCK, GGML_TYPES, itemsize
+from ktnuma.index.model import KINDS, PROJS, ModelConfig, ModelIndex, PieceGroup, SourceFile, TensorExtent
 
 log = logging.getLogger(__name__)
 

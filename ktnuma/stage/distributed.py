@@ -40,8 +40,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import BadInput, Interrupted, KtnumaError, WorkerFailed
-from .model import ModelIndex
+from ktnuma.errors import BadInput, Interrupted, KtnumaError, WorkerFailed
+from ktnuma.index.model import ModelIndex
 
 log = logging.getLogger("ktnuma.distributed")
 
@@ -126,7 +126,7 @@ def expert_span(index: ModelIndex) -> tuple[int, int]:
 
 def host_blocks(first: int, stop: int, world: int) -> list[tuple[int, int]]:
     """Contiguous [first, stop) expert blocks per rank, the remainder to the lowest ranks."""
-    from .plan import ep_blocks
+    from ktnuma.plan.planner import ep_blocks
 
     if stop - first < world:
         raise BadInput(f"{world} ranks but only {stop - first} experts: every host needs at least one "
@@ -403,7 +403,8 @@ class Session:
         """Remove the runs of plan-round peers on this host whose process is gone.
 
         ``wait``: a peer whose sockets just closed may still be exiting; give it that long."""
-        from . import registry, shm
+        from ktnuma.stage import registry
+        from ktnuma.host import shm
 
         local = [r for r in self.peers if r.rank != self.rank and r.host == self.host]
         deadline = time.monotonic() + wait
@@ -465,7 +466,7 @@ def write_global(manifest_path: str, reports: Sequence[RankReport], plan: dict |
     """Rank 0's ``<manifest stem>.global.json``: world size and each rank's host, manifest, experts
     (``[first, count]`` as in the manifest's arrays), plus the model's format and expert count."""
     plan = plan or {}
-    from .manifest import write_atomic
+    from ktnuma.stage.manifest import write_atomic
 
     path = global_path(manifest_path)
     doc = {"ktnuma_global": GLOBAL_VERSION, "world_size": len(reports), "format": plan.get("format"),

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from . import shm
-from .cli import human
-from .errors import BadInput, NotEnoughMemory
+from ktnuma.host import shm
+from ktnuma.text import human
+from ktnuma.errors import BadInput, NotEnoughMemory
 
 
 def check_memory(segments: Sequence[Any], topology: Any, shm_dir: str | None, *,
                  what: str = "staging", way_out: str = "stage fewer --layers") -> None:
     """`segments` (SegmentPlans: .node, .size) must fit at once; NotEnoughMemory (exit 3) names the numbers."""
-    from .topology import real_mem_available
+    from ktnuma.host.topology import real_mem_available
 
     need = sum(s.size for s in segments)
     where = shm.norm_dir(shm_dir)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import BadMagic, FormatError, TruncatedFile, UnknownDtype
-from ..model import TensorExtent
-from .dtypes import GGML_BY_ID, gguf_dtype
+from ktnuma.errors import BadMagic, FormatError, TruncatedFile, UnknownDtype
+from ktnuma.index.model import TensorExtent
+from ktnuma.index.dtypes import GGML_BY_ID, gguf_dtype
 
 GGUF_MAGIC = b"GGUF"
 

@@ -1,1 +1,0 @@
-"""File formats: each reader turns files into TensorExtents. Formats know nothing of NUMA."""
