@@ -627,3 +627,27 @@ def test_synth_refusal_on_misaligned_fp8(tmp_path):
                        "FP8 scale blocks; use --nodes 3, or --split ep"):
         plan(idx, [0, 1], "tp")
     check_plan_bytes(idx, [0, 1, 2], "tp")
+
+
+def test_split_table_one_entry_adds_a_split(monkeypatch):
+    """A split is one row of plan.splits.SPLITS: a new rule is planned, validated and refused by name."""
+    from ktnuma.plan import splits
+    from ktnuma.plan.layout import segment, whole
+    from ktnuma.plan.records import Split
+
+    def one_node(inp):  # every expert whole on the first node
+        return [segment(inp.layer, inp.nodes[0], [(g, 0, g.count, whole(g)) for g in inp.groups])]
+
+    rule = Split("first", lambda index, n: None, one_node, lambda g: False)
+    monkeypatch.setitem(splits.SPLITS, "first", rule)
+    with tempfile.TemporaryDirectory() as d:
+        index = build_index(d, "bf16", H=64, I=96, E=4)
+        p = plan(index, [0, 1], "first")
+        validate(p, index)
+        assert {s.node for s in p.segments} == {0}
+        segs = execute(p)
+        g = index.groups[0]
+        a = next(a for a in p.segments[0].arrays if (a.proj, a.kind) == (g.proj, g.kind))
+        assert bytes(segs[(g.layer, 0)][a.offset:a.offset + a.stride]) == reference_piece(index, g, 0, None)
+    with pytest.raises(SplitError, match="expected one of tp, ep"):
+        check_split(index, 2, "nope")

@@ -1,0 +1,177 @@
+"""validate(plan, index): every invariant of a plan checked against its index (PlanInvalid lists
+all problems). Independent of how the split rules built the plan."""
+from __future__ import annotations
+
+import math
+
+from ktnuma.index.model import ModelIndex, PieceGroup
+from ktnuma.plan.layout import quantum_bytes, ratio as ratio_of, staged_dtype
+from ktnuma.plan.records import ALIGN, PAGE, Plan, PlanInvalid
+from ktnuma.plan.splits import SPLITS
+
+
+def _staged_nbytes(g: PieceGroup, shape: tuple[int, ...], ratio: int) -> int | None:
+    """Bytes of a staged piece of `shape` cut from g (None if the shape is not a cut of g)."""
+    if len(shape) != len(g.shape):
+        return None
+    if g.quantum > 1:
+        rows, cols = shape
+        if cols % g.quantum:
+            return None
+        return rows * (cols // g.quantum) * quantum_bytes(g) * ratio
+    elems = math.prod(g.shape)
+    if elems == 0 or g.nbytes % elems:
+        return None
+    return math.prod(shape) * (g.nbytes // elems) * ratio
+
+
+def validate(plan: Plan, index: ModelIndex) -> None:
+    """Check every invariant of `plan` against `index`; raise PlanInvalid listing all problems."""
+    problems: list[str] = []
+    bad = problems.append
+    if plan.files != tuple(f.path for f in index.files):
+        bad("plan files differ from the index files")
+    rule = SPLITS.get(plan.split)
+    if rule is None:
+        bad(f"unknown split {plan.split!r}")
+    nodes = plan.nodes
+    pos_of = {node: i for i, node in enumerate(nodes)}
+    groups = {(g.layer, g.proj, g.kind, g.shard): g for g in index.groups}
+    # (group key) -> list of (node, first, count, (start, stop) on the cut dim)
+    cover: dict[tuple, list[tuple[int, int, int, int, int]]] = {k: [] for k in groups}
+    seen_seg: set[tuple[int, int]] = set()
+    read_bytes: dict[tuple, int] = dict.fromkeys(groups, 0)
+    for s in plan.segments:
+        where = f"segment L{s.layer} n{s.node}"
+        if (s.layer, s.node) in seen_seg:
+            bad(f"{where}: planned twice")
+        seen_seg.add((s.layer, s.node))
+        if s.node not in pos_of:
+            bad(f"{where}: node not in the topology")
+            continue
+        if not s.arrays:
+            bad(f"{where}: no arrays")
+            continue
+        end = 0
+        for a in sorted(s.arrays, key=lambda a: a.offset):
+            at = f"{where} {a.proj} {a.kind}"
+            if (a.layer, a.node) != (s.layer, s.node):
+                bad(f"{at}: belongs to L{a.layer} n{a.node}")
+            if a.offset % ALIGN:
+                bad(f"{at}: offset {a.offset} not {ALIGN}-byte aligned")
+            if a.offset < end:
+                bad(f"{at}: [{a.offset}, {a.end}) overlaps the previous array ending at {end}")
+            end = max(end, a.end)
+            if a.count < 1 or len(a.files) != a.count or len(a.src_offsets) != a.count:
+                bad(f"{at}: {a.count} experts but {len(a.files)} files, {len(a.src_offsets)} offsets")
+                continue
+            g = groups.get((a.layer, a.proj, a.kind, a.shard))
+            if g is None:
+                bad(f"{at}: no such piece group in the index (shard {a.shard})")
+                continue
+            if a.shard is not None and pos_of[s.node] != a.shard:
+                bad(f"{at}: shard {a.shard} planned on node position {pos_of[s.node]}")
+            ratio = ratio_of(g)
+            if a.conversion != g.conversion or a.dtype != staged_dtype(g):
+                bad(f"{at}: conversion/dtype {a.conversion}/{a.dtype} != {g.conversion}/{staged_dtype(g)}")
+            if a.stride != a.rows * a.run * ratio:
+                bad(f"{at}: stride {a.stride} != rows {a.rows} x run {a.run} x ratio {ratio}")
+            if _staged_nbytes(g, a.shape, ratio) != a.stride:
+                bad(f"{at}: shape {list(a.shape)} does not make a {a.stride}-byte piece")
+            lo = a.first - g.first
+            if lo < 0 or lo + a.count > g.count:
+                bad(f"{at}: experts [{a.first}, {a.first + a.count}) outside the group's")
+                continue
+            # the read geometry must be exactly what the record's slice names
+            if a.slice is None:
+                cut = (0, 1) if g.i_dim is None else (0, g.shape[g.i_dim])
+                want = (0, 1, g.nbytes, g.nbytes)
+            else:
+                dim, start, stop = a.slice
+                if g.i_dim is None or dim != g.i_dim or not 0 <= start < stop <= g.shape[dim]:
+                    bad(f"{at}: slice {a.slice} is not a cut of shape {list(g.shape)} on I dim {g.i_dim}")
+                    continue
+                cut = (start, stop)
+                if dim == 0:
+                    rb = g.row_bytes
+                    want = (start * rb, 1, (stop - start) * rb, (stop - start) * rb)
+                else:
+                    qb = quantum_bytes(g)
+                    if start % g.quantum or stop % g.quantum:
+                        bad(f"{at}: slice {a.slice} cuts through {g.quantum}-wide blocks")
+                        continue
+                    want = (start // g.quantum * qb, g.rows, (stop - start) // g.quantum * qb, g.row_bytes)
+            delta, rows, run, src_stride = want
+            if (a.rows, a.run) != (rows, run) or (rows > 1 and a.src_stride != src_stride):
+                bad(f"{at}: reads {a.rows}x{a.run}/{a.src_stride}, slice needs {rows}x{run}/{src_stride}")
+            if a.files != g.files[lo : lo + a.count]:
+                bad(f"{at}: source files differ from the pieces'")
+            if a.src_offsets != tuple(o + delta for o in g.offsets[lo : lo + a.count]):
+                bad(f"{at}: source offsets are not the slice's start in each piece")
+            span = (a.rows - 1) * a.src_stride + a.run if a.rows > 1 else a.run
+            for f, o in zip(a.files, a.src_offsets):
+                if f >= len(index.files) or o < 0 or o + span > index.files[f].size:
+                    bad(f"{at}: read [{o}, {o + span}) outside file {f}")
+                    break
+            cover[(g.layer, g.proj, g.kind, g.shard)].append((s.node, a.first, a.count, *cut))
+            read_bytes[(g.layer, g.proj, g.kind, g.shard)] += a.count * a.rows * a.run
+        if end != s.size:
+            bad(f"{where}: size {s.size} != end of its last array {end}")
+        conv = sum(a.count * a.rows * a.run * ratio_of(a) for a in s.arrays)
+        if conv != s.payload:
+            bad(f"{where}: {conv} bytes read (after conversion) but {s.payload} staged")
+    # every source byte needed covered exactly once (or once per node for replicated pieces)
+    for key, g in groups.items():
+        recs = cover[key]
+        full = (0, 1) if g.i_dim is None else (0, g.shape[g.i_dim])
+        replicated = rule is not None and rule.replicates(g)
+        scopes = [[r for r in recs if r[0] == node] for node in nodes] if replicated else [recs]
+        for scope in scopes:
+            _check_tiling(scope, g, full, plan.split, key, bad)
+    # totals conserved: source bytes read per group == its pieces' bytes (x nodes if replicated)
+    for key, g in groups.items():
+        replicated = rule is not None and rule.replicates(g)
+        want = g.count * g.nbytes * (len(nodes) if replicated else 1)
+        if read_bytes[key] != want:
+            bad(f"L{key[0]} {key[1]} {key[2]}: {read_bytes[key]} source bytes read, pieces hold {want}")
+    # page-cache drops cover every piece read
+    layers = {g.layer for g in index.groups}
+    if set(plan.layers) != layers:
+        bad(f"plan layers {sorted(plan.layers)} != index layers {sorted(layers)}")
+    for layer in layers:
+        ranges = plan.drop_ranges(layer)
+        for r in ranges:
+            if r.start % PAGE or r.length % PAGE or r.length <= 0:
+                bad(f"layer {layer}: drop range {r} not page-rounded")
+        by_file: dict[int, list[tuple[int, int]]] = {}
+        for r in ranges:
+            by_file.setdefault(r.file, []).append((r.start, r.start + r.length))
+        for g in index.groups:
+            if g.layer != layer:
+                continue
+            for f, o in zip(g.files, g.offsets):
+                if not any(s0 <= o and o + g.nbytes <= e0 for s0, e0 in by_file.get(f, ())):
+                    bad(f"layer {layer}: piece of {g.tensors[0] if g.tensors else g.proj} at {f}:{o} not dropped")
+                    break
+    if problems:
+        raise PlanInvalid(problems)
+
+
+def _check_tiling(recs: list, g: PieceGroup, full: tuple[int, int], split: str, key: tuple, bad) -> None:
+    """Per expert, the records' cuts must tile [0, dim) exactly once."""
+    name = f"L{key[0]} {key[1]} {key[2]}" + ("" if key[3] is None else f" shard {key[3]}")
+    if not recs:
+        bad(f"{name}: not planned on any node")
+        return
+    cuts = sorted({g.first, g.first + g.count} | {r[1] for r in recs} | {r[1] + r[2] for r in recs})
+    for e0, e1 in zip(cuts, cuts[1:]):
+        parts = sorted((r[3], r[4]) for r in recs if r[1] <= e0 and e1 <= r[1] + r[2])
+        pos = full[0]
+        ok = bool(parts)
+        for s0, s1 in parts:
+            if s0 != pos:
+                ok = False
+                break
+            pos = s1
+        if not ok or pos != full[1]:
+            bad(f"{name}: experts [{e0}, {e1}) covered by {parts}, not exactly [{full[0]}, {full[1]}) once")
