@@ -20,8 +20,7 @@ torch = pytest.importorskip("torch")
 
 import ktnuma  # noqa: E402
 from ktnuma.host import shm  # noqa: E402
-from ktnuma.engine.attachment import AttachError, SegmentMismatch, SegmentMissing, SourceChanged  # noqa: E402
-from ktnuma.stage.manifest import ManifestError  # noqa: E402
+from ktnuma.errors import AttachError, ManifestError, SegmentMismatch, SegmentMissing, SourceChanged  # noqa: E402
 
 TWO = str(REPO / "configs/topologies/two-node.toml")
 HF = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}

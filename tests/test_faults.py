@@ -27,6 +27,7 @@ import zlib
 import pytest
 
 from conftest import SESSION_TAG, run_module
+from ktnuma.errors import VerifyFailed
 from ktnuma.host import shm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -414,14 +415,14 @@ def test_verify_records_checksums_and_attach_rechecks(synth_model, run_registry,
             os.pwrite(fd, bytes([b[0] ^ 0x40]), pos)
         finally:
             os.close(fd)
-        with pytest.raises(verify.VerifyFailed, match=re.escape(rec["segment"])) as ei:
+        with pytest.raises(VerifyFailed, match=re.escape(rec["segment"])) as ei:
             verify.check_manifest(str(man))
         assert f"expert {rec['experts'][0] + 1}" in str(ei.value) and f"layer {rec['layer']}" in str(ei.value)
         from ktnuma.engine.attachment import attach
 
         with attach(str(man), check_source=False):
             pass
-        from ktnuma.engine.attachment import AttachError
+        from ktnuma.errors import AttachError
 
         with pytest.raises(AttachError, match=re.escape(rec["segment"])):
             attach(str(man), verify=True)
@@ -434,7 +435,7 @@ def test_verify_run_catches_a_corrupted_segment(synth_model):
     from ktnuma.index.experts import index_model
     from ktnuma.plan.planner import plan as make_plan
     from ktnuma.host.topology import select
-    from ktnuma.stage.verify import VerifyFailed, source_checksums, verify_run
+    from ktnuma.stage.verify import source_checksums, verify_run
 
     topo = select(path=TWO)
     index = index_model(synth_model("fp8").path)

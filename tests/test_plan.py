@@ -15,14 +15,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ktnuma.errors import SplitError, TopologyError
+from ktnuma.errors import PlanInvalid, SplitError, TopologyError
 from ktnuma.index.dtypes import GGML_TYPES, itemsize
 from ktnuma.index.model import PROJS, ModelConfig, ModelIndex, PieceGroup, SourceFile
 from ktnuma.plan.planner import (
     ALIGN,
     PAGE,
     Plan,
-    PlanInvalid,
     check_split,
     ep_blocks,
     manifest_arrays,

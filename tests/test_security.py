@@ -21,6 +21,7 @@ import sys
 import pytest
 
 from conftest import SESSION_TAG, run_module
+from ktnuma.errors import SegmentExists, SegmentMismatch
 from ktnuma.host import shm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +79,6 @@ def _stage(info, run_id, shm_dir=None):
 def test_preexisting_segment_name_is_never_attached_resized_or_removed(where, synth_model, tiny_tmpfs):
     """Pre-create the name a run will use (the run id is ours to pick in-process): the run fails
     naming it, the foreign object keeps its size and bytes, the run's own segments are all gone."""
-    from ktnuma.stage.coordinator import SegmentExists
 
     info = synth_model("bf16")
     d = None if where == "posix" else tiny_tmpfs("32m")
@@ -101,7 +101,6 @@ def test_preexisting_segment_name_is_never_attached_resized_or_removed(where, sy
 
 def test_symlink_planted_at_segment_name_is_not_followed(synth_model, tiny_tmpfs, tmp_path):
     """--shm-dir files are created O_CREAT|O_EXCL|O_NOFOLLOW: a symlink at the name is never written through."""
-    from ktnuma.stage.coordinator import SegmentExists
 
     info = synth_model("bf16")
     d = tiny_tmpfs("32m")
@@ -162,7 +161,7 @@ def test_attach_refuses_segment_of_another_user(synth_model, run_registry, tmp_p
             assert a is not None
         victim = m["segments"][0]["name"]
         os.chown(os.path.join("/dev/shm", victim), 65534, 65534)
-        with pytest.raises(mod.SegmentMismatch, match=re.escape(victim)) as ei:
+        with pytest.raises(SegmentMismatch, match=re.escape(victim)) as ei:
             with mod.attach(str(man)):
                 pass
         assert "uid 65534" in str(ei.value) and ei.value.exit_code == 2
@@ -192,7 +191,7 @@ def test_attach_refuses_segment_of_unexpected_size(synth_model, run_registry, tm
             os.ftruncate(fd, s["size"] + 4096)
         finally:
             os.close(fd)
-        with pytest.raises(mod.SegmentMismatch, match=re.escape(s["name"])) as ei:
+        with pytest.raises(SegmentMismatch, match=re.escape(s["name"])) as ei:
             with mod.attach(str(man)):
                 pass
         assert str(s["size"] + 4096) in str(ei.value) and str(s["size"]) in str(ei.value)

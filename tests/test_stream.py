@@ -155,7 +155,7 @@ def prefix():
 def test_layers_in_order_previous_released_all_removed(synth_model, run_registry, prefix):
     import ktnuma
     from ktnuma.stage import registry
-    from ktnuma.engine.attachment import Released
+    from ktnuma.errors import Released
 
     info = synth_model("fp8", hidden=128, intermediate=256, layers=4, mtp=False)
     before = _segments(prefix)

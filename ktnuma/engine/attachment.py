@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ktnuma.host import shm
-from ktnuma.errors import BadInput, KtnumaError
+from ktnuma.errors import AttachError, BadInput, KtnumaError, Released, SegmentMismatch, SegmentMissing, SourceChanged
 from ktnuma.index.dtypes import numpy_view
 from ktnuma.index.model import KINDS, PROJS
 
@@ -47,26 +47,6 @@ log = logging.getLogger(__name__)
 # manifest dtype -> torch dtype the numpy view is reinterpreted as (same item size)
 TORCH_VIEWS: dict[str, tuple[str, str]] = {"bf16": ("int16", "bfloat16"),
                                            "f8_e4m3": ("uint8", "float8_e4m3fn")}
-
-
-class AttachError(BadInput):
-    """The manifest cannot be attached (exit 2): the message names the manifest and the reason."""
-
-
-class SegmentMissing(AttachError):
-    pass
-
-
-class SegmentMismatch(AttachError):
-    pass
-
-
-class SourceChanged(AttachError):
-    pass
-
-
-class Released(KtnumaError):
-    """A streamed layer's views were used after the stream moved past it."""
 
 
 @dataclass(frozen=True)

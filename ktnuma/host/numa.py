@@ -20,7 +20,7 @@ from array import array
 from collections.abc import Iterable
 from functools import lru_cache
 
-from ktnuma.errors import BadInput, KtnumaError
+from ktnuma.errors import NodeNotFound, NumaError
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +45,6 @@ _NodeMask = ctypes.c_ulong * _MASK_WORDS
 _MOVE_PAGES_CHUNK = 1 << 18  # pages per move_pages call (bounds the temporary arrays)
 
 PAGE_SIZE = mmap.PAGESIZE
-
-
-class NumaError(KtnumaError):
-    """A NUMA call failed. Says which call, node, address range and errno."""
-
-    def __init__(self, call: str, reason: str, *, node: int | None = None,
-                 addr: int | None = None, length: int | None = None, err: int | None = None) -> None:
-        self.call = call
-        self.node = node
-        self.addr = addr
-        self.length = length
-        self.errno = err
-        where = []
-        if node is not None:
-            where.append(f"node {node}")
-        if addr is not None:
-            where.append(f"range 0x{addr:x}-0x{addr + (length or 0):x} ({length} bytes)")
-        if err:
-            where.append(f"errno {err} {_errno.errorcode.get(err, '?')} ({os.strerror(err)})")
-        super().__init__(f"{call}: " + (", ".join(where) + ": " if where else "") + reason)
-
-
-class NodeNotFound(NumaError, BadInput):
-    """Binding to (or asking about) a node that this machine does not have."""
 
 
 # ---------------------------------------------------------------- libnuma

@@ -11,11 +11,11 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ktnuma.errors import ConfigMismatch
+from ktnuma.errors import ConfigMismatch, PlanInvalid
 from ktnuma.index.model import ModelIndex, PieceGroup
 from ktnuma.plan.layout import ep_blocks, format_family, layout_key, node_ids, where
-from ktnuma.plan.records import (ALIGN, PAGE, ArrayPlan, DropRange, LayerInput, Plan, PlanInvalid,
-                                 SegmentPlan, Split)
+from ktnuma.plan.records import (ALIGN, PAGE, ArrayPlan, DropRange, LayerInput, Plan, SegmentPlan,
+                                 Split)
 from ktnuma.plan.splits import SPLITS, check_split, split_rule
 from ktnuma.plan.validate import validate
 

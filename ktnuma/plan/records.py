@@ -11,11 +11,9 @@ Who reads which source bytes, and how the reads are coalesced and chunked, is `o
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-from ktnuma.errors import KtnumaError
 
 if TYPE_CHECKING:
     from ktnuma.index.model import ModelIndex, PieceGroup
@@ -94,16 +92,6 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return sum(s.size for s in self.segments)
-
-
-class PlanInvalid(KtnumaError):
-    """A plan that breaks an invariant (a planner bug, never user input). `.problems` lists all."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = tuple(problems)
-        shown = "; ".join(self.problems[:6])
-        more = f"; ... (+{len(self.problems) - 6} more)" if len(self.problems) > 6 else ""
-        super().__init__(f"plan invalid, {len(self.problems)} problem(s): {shown}{more}")
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+from ktnuma.errors import PlanInvalid
 from ktnuma.index.model import ModelIndex, PieceGroup
 from ktnuma.plan.layout import quantum_bytes, ratio as ratio_of, staged_dtype
-from ktnuma.plan.records import ALIGN, PAGE, Plan, PlanInvalid
+from ktnuma.plan.records import ALIGN, PAGE, Plan
 from ktnuma.plan.splits import SPLITS
 
 

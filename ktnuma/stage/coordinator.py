@@ -29,19 +29,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ktnuma.host import shm
-from ktnuma.errors import BadInput, KtnumaError, NotEnoughMemory, WorkerFailed
+from ktnuma.errors import BadInput, KtnumaError, NotEnoughMemory, SegmentExists, WorkerFailed
 from ktnuma.plan.planner import ArrayPlan, Plan, SegmentPlan
 
 log = logging.getLogger(__name__)
-
-
-class SegmentExists(WorkerFailed):
-    """A segment name of this run already existed (someone else's object, or a run-id collision):
-    the run fails without touching it (it is never attached to, resized or unlinked)."""
-
-    def __init__(self, message: str, names: set[str]) -> None:
-        super().__init__(message)
-        self.names = frozenset(names)
 
 
 FOLIO_ALIGN = 2 << 20  # the largest page-cache folio the final drop pass expects (PMD size)

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ktnuma.errors import BadInput, Interrupted, KtnumaError, WorkerFailed
+from ktnuma.errors import BadInput, Interrupted, KtnumaError, LostContact, PeerFailed, WorkerFailed
 from ktnuma.index.model import ModelIndex
 
 log = logging.getLogger("ktnuma.distributed")
@@ -52,20 +52,6 @@ AGENT_MARKS = ("torch.distributed.run", "torchrun", "torch/distributed/run")
 DEFAULT_TIMEOUT = 60.0
 GLOBAL_VERSION = 1
 ROUNDS = ("plan", "ready", "global")
-
-
-class PeerFailed(KtnumaError):
-    """Another rank failed (its exit code when that is bad input or memory, else 4)."""
-
-    exit_code = 4
-
-    def __init__(self, message: str, code: int = 4) -> None:
-        super().__init__(message)
-        self.exit_code = code if code in (2, 3) else 4
-
-
-class LostContact(WorkerFailed):
-    """A round did not complete: a rank died or hung (exit 4)."""
 
 
 # ---------------------------------------------------------------- CLI and detection

@@ -11,15 +11,11 @@ import tempfile
 from typing import Any
 
 from ktnuma.host import shm
-from ktnuma.errors import BadInput
+from ktnuma.errors import ManifestError
 
 VERSION = 1
 REQUIRED_KEYS = ("ktnuma_manifest", "run_id", "owner", "split", "shm_dir", "model", "config",
                  "topology", "segments", "arrays")
-
-
-class ManifestError(BadInput):
-    pass
 
 
 def proc_start_time(pid: int | None = None) -> int | None:

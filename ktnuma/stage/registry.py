@@ -15,7 +15,7 @@ import stat
 import time
 from dataclasses import asdict, dataclass, replace
 
-from ktnuma.errors import KtnumaError
+from ktnuma.errors import KtnumaError, RegistryError
 from ktnuma.stage.manifest import proc_start_time, write_atomic
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,6 @@ class RunEntry:
     shm_dir: str
     created: float = 0.0
     uid: int = -1
-
-
-class RegistryError(KtnumaError):
-    """The run registry directory cannot be used (exit 2: the environment is the bad input)."""
-
-    exit_code = 2
 
 
 def registry_dir(create: bool = True) -> str:

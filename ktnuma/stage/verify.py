@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ktnuma.host import shm
-from ktnuma.errors import WorkerFailed
+from ktnuma.errors import VerifyFailed
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,6 @@ ALGO = "crc32"
 KEY = "checksums"  # the optional top-level manifest key
 
 ArrayKey = tuple[int, int, str, str]  # (layer, node, proj, kind)
-
-
-class VerifyFailed(WorkerFailed):
-    """Staged bytes differ from the source (or from the checksums recorded in the manifest)."""
 
 
 def crc(data: Any) -> int:

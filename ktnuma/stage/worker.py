@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ktnuma.host import numa
 from ktnuma.host import shm
+from ktnuma.errors import ParentGone, SourceTruncated
 
 log = logging.getLogger("ktnuma.worker")
 
@@ -45,20 +46,12 @@ FAULT_ENV = "KTNUMA_WORKER_FAULT"  # tests: "L:n:k" -> die mid-job on (layer L, 
 DELAY_ENV = "KTNUMA_WORKER_DELAY"  # tests: seconds to sleep (in small steps) inside every job
 
 
-class ParentGone(Exception):
-    """stdin closed or a termination signal arrived: abandon the job."""
-
-
-class InputError(Exception):
-    """The source file is shorter than the plan says (truncated / changed since indexing)."""
-
-
 def read_full(fd: int, dst: memoryview, offset: int, path: str) -> None:
-    """preadv until ``dst`` is full; EOF before that is an InputError."""
+    """preadv until ``dst`` is full; EOF before that is a SourceTruncated."""
     while len(dst):
         n = os.preadv(fd, [dst], offset)
         if n <= 0:
-            raise InputError(f"{path}: unexpected end of file at byte {offset} "
+            raise SourceTruncated(f"{path}: unexpected end of file at byte {offset} "
                              f"({len(dst)} bytes still expected); was the file changed?")
         dst = dst[n:]
         offset += n
@@ -185,7 +178,7 @@ class Worker:
         while pos < want:
             got = os.preadv(fd, [buf[pos - a0:a1 - a0]], pos)
             if got <= 0 or (pos + got < want and got % ALIGN):
-                raise InputError(f"{path}: unexpected end of file at byte {pos + max(got, 0)} "
+                raise SourceTruncated(f"{path}: unexpected end of file at byte {pos + max(got, 0)} "
                                  f"({want - pos - max(got, 0)} bytes still expected); was the file changed?")
             pos += got
         return buf[off - a0:off - a0 + n], buf[a1 - a0:a1 - a0 + extra]
@@ -219,7 +212,7 @@ class Worker:
         while length:
             n = os.sendfile(out, src, off, length)
             if n <= 0:
-                raise InputError(f"{self.files[fi]}: unexpected end of file at byte {off} "
+                raise SourceTruncated(f"{self.files[fi]}: unexpected end of file at byte {off} "
                                  f"({length} bytes still expected); was the file changed?")
             off += n
             length -= n
@@ -367,7 +360,7 @@ class Worker:
             kind = "nospace" if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG) else "os"
             return {"op": "error", **base, "kind": kind,
                     "message": f"segment {name} ({size} bytes): {exc.strerror or exc}"}
-        except InputError as exc:
+        except SourceTruncated as exc:
             return {"op": "error", **base, "kind": "input", "message": str(exc)}
         except numa.NumaError as exc:
             return {"op": "error", **base, "kind": "os", "message": str(exc)}
