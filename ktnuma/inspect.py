@@ -17,6 +17,7 @@ def describe(path: str, fmt: str | None = None, layers: str | None = None) -> di
         "path": idx.root,
         "format": idx.format,
         "naming": idx.naming,
+        "notes": dict(idx.notes),
         "config": idx.config.as_manifest(),
         "moe_layers": list(idx.all_layers),
         "layers_spec": format_layers(idx.config.layers),

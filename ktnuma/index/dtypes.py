@@ -1,6 +1,7 @@
 """One table per concept: element dtypes, GGML block types, staging conversions."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -46,6 +47,7 @@ class GGMLType:
     id: int
     block: int  # weights per block
     type_size: int  # bytes per block
+    f16_fields: tuple[int, ...] = ()  # byte offsets of a block's f16 scale fields (d, dmin, ...)
 
 
 GGML_TYPES: dict[str, GGMLType] = {
@@ -53,17 +55,17 @@ GGML_TYPES: dict[str, GGMLType] = {
     for t in (
         GGMLType("F32", 0, 1, 4),
         GGMLType("F16", 1, 1, 2),
-        GGMLType("Q4_0", 2, 32, 18),
+        GGMLType("Q4_0", 2, 32, 18, (0,)),
         GGMLType("Q4_1", 3, 32, 20),
         GGMLType("Q5_0", 6, 32, 22),
         GGMLType("Q5_1", 7, 32, 24),
         GGMLType("Q8_0", 8, 32, 34),
         GGMLType("Q8_1", 9, 32, 40),
-        GGMLType("Q2_K", 10, 256, 84),
-        GGMLType("Q3_K", 11, 256, 110),
-        GGMLType("Q4_K", 12, 256, 144),
-        GGMLType("Q5_K", 13, 256, 176),
-        GGMLType("Q6_K", 14, 256, 210),
+        GGMLType("Q2_K", 10, 256, 84, (80, 82)),
+        GGMLType("Q3_K", 11, 256, 110, (108,)),
+        GGMLType("Q4_K", 12, 256, 144, (0, 2)),
+        GGMLType("Q5_K", 13, 256, 176, (0, 2)),
+        GGMLType("Q6_K", 14, 256, 210, (208,)),
         GGMLType("Q8_K", 15, 256, 292),
         GGMLType("IQ2_XXS", 16, 256, 66),
         GGMLType("IQ2_XS", 17, 256, 74),
@@ -89,6 +91,12 @@ def gguf_dtype(t: GGMLType) -> str:
     return f"gguf:{t.name}"
 
 
+def ggml_nbytes(t: GGMLType | str, count: int) -> int:
+    """Bytes of `count` weights of GGML type `t` (`count` a multiple of its block): THE formula."""
+    g = GGML_TYPES[t] if isinstance(t, str) else t
+    return count // g.block * g.type_size
+
+
 FP8_BLOCK = 128  # FP8 block scales cover 128 x 128 weights
 
 
@@ -103,6 +111,30 @@ def itemsize(dtype: str) -> int:
     return DTYPES[dtype].itemsize
 
 
+# ---------------------------------------------------------------- conversions applied while staging
+# Each function fills `dst` from `src` (raw bytes); numpy is imported inside (workers import this lazily).
+def _ue8m0_to_bf16(src: memoryview | bytes, dst: memoryview) -> None:
+    """UE8M0 exponent byte -> bf16 bits (u8 << 7): exact for every code but 0 and 255."""
+    import numpy as np
+
+    out = np.frombuffer(dst, dtype="<u2")
+    np.left_shift(np.frombuffer(src, dtype="u1"), 7, out=out, dtype="<u2", casting="unsafe")
+
+
+def _f16_to_f32(src: memoryview | bytes, dst: memoryview) -> None:
+    import numpy as np
+
+    np.frombuffer(dst, dtype="<f4")[...] = np.frombuffer(src, dtype="<f2")
+
+
+def _bf16_to_f32(src: memoryview | bytes, dst: memoryview) -> None:
+    """bf16 -> f32, exact (the bf16 bits become the f32's upper half)."""
+    import numpy as np
+
+    out = np.frombuffer(dst, dtype="<u4")
+    np.left_shift(np.frombuffer(src, dtype="<u2"), 16, out=out, dtype="<u4", casting="unsafe")
+
+
 @dataclass(frozen=True)
 class Conversion:
     """A byte transform applied while staging: n source elements -> n staged elements."""
@@ -110,6 +142,7 @@ class Conversion:
     name: str
     src: str
     dst: str
+    fn: Callable[[memoryview | bytes, memoryview], None]
 
     @property
     def ratio(self) -> int:
@@ -120,21 +153,13 @@ class Conversion:
 CONVERSIONS: dict[str, Conversion] = {
     c.name: c
     for c in (
-        Conversion("ue8m0->bf16", "u8", "bf16"),  # mxfp4 scales: bf16 bits = u8 << 7
-        Conversion("f16->f32", "f16", "f32"),  # GPTQ scales
+        Conversion("ue8m0->bf16", "u8", "bf16", _ue8m0_to_bf16),  # mxfp4 scales
+        Conversion("f16->f32", "f16", "f32", _f16_to_f32),  # GPTQ scales
+        Conversion("bf16->f32", "bf16", "f32", _bf16_to_f32),  # llm-compressor FP8_BLOCK scales
     )
 }
 
 
 def convert(name: str, src: memoryview | bytes, dst: memoryview) -> None:
     """Apply conversion `name` from `src` bytes into `dst` (len(dst) == len(src) * ratio)."""
-    import numpy as np  # only where used
-
-    if name == "ue8m0->bf16":
-        out = np.frombuffer(dst, dtype="<u2")
-        np.left_shift(np.frombuffer(src, dtype="u1"), 7, out=out, dtype="<u2", casting="unsafe")
-    elif name == "f16->f32":
-        out = np.frombuffer(dst, dtype="<f4")
-        out[...] = np.frombuffer(src, dtype="<f2")
-    else:  # pragma: no cover - table and function are kept in step by tests
-        raise KeyError(name)
+    CONVERSIONS[name].fn(src, dst)

@@ -9,7 +9,7 @@ from typing import Any
 
 from ktnuma.errors import BadMagic, FormatError, TruncatedFile, UnknownDtype
 from ktnuma.index.model import TensorExtent
-from ktnuma.index.dtypes import GGML_BY_ID, gguf_dtype
+from ktnuma.index.dtypes import GGML_BY_ID, ggml_nbytes, gguf_dtype
 
 GGUF_MAGIC = b"GGUF"
 
@@ -67,7 +67,7 @@ def read_file(path: str, file_index: int) -> tuple[list[TensorExtent], dict[str,
             n *= d
         if shape and shape[-1] % gt.block:
             raise FormatError(path, f"row length {shape[-1]} is not a multiple of the {gt.name} block {gt.block}", t.name)
-        nbytes = n // gt.block * gt.type_size
+        nbytes = ggml_nbytes(gt, n)
         start = int(t.data_offset)
         if start + nbytes > size:
             raise TruncatedFile(
@@ -148,7 +148,7 @@ def _diagnose(path: str, size: int) -> FormatError | None:
         n = 1
         for d in dims:
             n *= d
-        end = data_start + off + n // gt.block * gt.type_size
+        end = data_start + off + ggml_nbytes(gt, n)
         if end > size:
             return TruncatedFile(path, f"tensor data [{data_start + off}, {end}) runs past the end of the "
                                        f"{size}-byte file", name)

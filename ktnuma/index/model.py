@@ -127,6 +127,7 @@ class ModelIndex:
     groups: tuple[PieceGroup, ...]
     all_layers: tuple[int, ...] = ()
     shards: int | None = None  # amx pre-sharded: number of `.numa.{n}` shards
+    notes: tuple[tuple[str, str], ...] = ()  # (topic, text): how the format was staged (manifest model.notes)
 
     def layer_groups(self, layer: int) -> tuple[PieceGroup, ...]:
         return tuple(g for g in self.groups if g.layer == layer)

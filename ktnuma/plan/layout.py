@@ -9,14 +9,11 @@ from typing import Any
 from ktnuma.errors import SplitError, TopologyError
 from ktnuma.index.dtypes import CONVERSIONS
 from ktnuma.index.model import KINDS, PROJS, ModelIndex, PieceGroup
+from ktnuma.index.quant import family as format_family  # noqa: F401 (re-exported by the planner)
 from ktnuma.plan.records import ALIGN, ArrayPlan, SegmentPlan
 
 # (slice, staged shape, delta, rows, run, src_stride): how one node's cut of a piece is read
 Geometry = tuple
-
-
-def format_family(fmt: str) -> str:
-    return fmt.split(":", 1)[0]
 
 
 def node_ids(topology: Any) -> tuple[int, ...]:

@@ -4,27 +4,16 @@ from __future__ import annotations
 
 from ktnuma.errors import ConfigMismatch, SplitError
 from ktnuma.index.model import PROJS, ModelIndex, PieceGroup
-from ktnuma.plan.layout import check_shards, format_family, i_cut, segment, where
+from ktnuma.index.quant import unit_note
+from ktnuma.plan.layout import check_shards, i_cut, segment, where
 from ktnuma.plan.records import LayerInput, SegmentPlan, Split
 
 SUGGEST_NODES = range(1, 9)  # node counts offered as a way out of a refused split
 
-# The design's "tp needs" column as ONE table. A tp split cuts every I-dependent piece at
-# multiples of I_tp = I/N along its `i_dim`; one stored index there covers `i_unit` I elements
-# (times the GGUF block when the cut runs across columns), so every such unit must divide
-# I_tp. The units themselves come from the index (the readers set them from the formats
-# table); this table only says, per (format family, kind), what the unit is, for the message.
-#   format family -> kind -> description ("{u}" = the unit)
-TP_NEEDS: dict[str, dict[str, str]] = {
-    "bf16": {"weight": "{u}-element rows"},
-    "fp8": {"weight": "{u}-element rows", "scale": "{u}-wide FP8 scale blocks"},
-    "rawint4": {"weight": "{u} int4 values packed per int32 word", "scale": "{u}-wide quant groups"},
-    "gptq-int4": {"weight": "{u} int4 values packed per int32 word", "scale": "{u}-wide quant groups"},
-    "mxfp4": {"weight": "{u} FP4 values packed per byte", "scale": "{u}-wide MXFP4 scale blocks"},
-    "gguf": {"weight": "{u}-weight {t} blocks"},
-    "amx-int4": {},  # pre-sharded: no tp cut of ours (node count must equal the shard count)
-    "amx-int8": {},
-}
+# A tp split cuts every I-dependent piece at multiples of I_tp = I/N along its `i_dim`; one stored
+# index there covers `i_unit` I elements (times the GGUF block when the cut runs across columns), so
+# every such unit must divide I_tp. The units and their names come from the index, which reads them
+# off the format records (ktnuma.index.quant: the design's "tp needs" column).
 
 
 def _cut_unit(g: PieceGroup) -> int:
@@ -59,14 +48,12 @@ def _tp_units(index: ModelIndex) -> list[tuple[int, str, str]]:
     """Distinct (unit, description, projs) cut units of the index's I-dependent groups.
 
     projs is "" when every projection shares the unit, else e.g. "down_proj"."""
-    notes = TP_NEEDS.get(format_family(index.format), {})
-    gguf_type = index.format.split(":", 1)[1] if ":" in index.format else ""
     out: dict[tuple[int, str], set[str]] = {}
     for g in index.groups:
         if g.i_dim is None:
             continue
         u = _cut_unit(g)
-        desc = (g.unit_note or notes.get(g.kind) or "{u}-element units").format(u=u, t=gguf_type)
+        desc = g.unit_note or unit_note(index.format, g.kind, u)
         out.setdefault((u, desc), set()).add(g.proj)
     return [
         (u, d, "" if len(p) == len(PROJS) else "/".join(x for x in PROJS if x in p) + "_proj")

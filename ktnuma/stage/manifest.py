@@ -56,7 +56,8 @@ def build(index, topology, plan, result, *, run_id: str, shm_dir: str | None,
         "shm_dir": shm.norm_dir(shm_dir),
         "model": {"path": os.path.abspath(index.root), "format": index.format, "naming": index.naming,
                   "files": [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns}
-                            for f in index.files]},
+                            for f in index.files],
+                  "notes": dict(index.notes)},  # how the format was staged (docs/formats.md)
         "config": index.config.as_manifest(),
         "topology": topology_record(topology),
         "segments": segments,

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ktnuma.index.dtypes import FP8_BLOCK, GGML_TYPES
+from ktnuma.index.dtypes import FP8_BLOCK, GGML_TYPES, ggml_nbytes
+from ktnuma.index.quant import MXFP4_GROUP, family, gguf_type
 
-MXFP4_GROUP = 32
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
@@ -133,7 +133,7 @@ def _deq_gguf(w: Any, s: Any, n: int, k: int, gs: int | None, gt: str | None) ->
     import gguf.quants
 
     t = GGML_TYPES[gt]  # type: ignore[index]
-    raw = _np(w).view(np.uint8).reshape(n, k // t.block * t.type_size)
+    raw = _np(w).view(np.uint8).reshape(n, ggml_nbytes(t, k))
     out = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(t.id))
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(n, k)
 
@@ -149,16 +149,9 @@ DEQUANT: dict[str, DequantFn] = {
 }
 
 
-def _family(fmt: str) -> tuple[str, str | None]:
-    if fmt.startswith("gguf:"):
-        return "gguf", fmt[5:].upper()
-    return fmt, None
-
-
 def dequantize(fmt: str, weight: Any, scale: Any = None, *, n: int, k: int, group_size: int | None = None) -> torch.Tensor:
     """One expert's piece of format `fmt` -> float32 W[n, k]."""
-    fam, gt = _family(fmt)
-    return DEQUANT[fam](weight, scale, n, k, group_size, gt)
+    return DEQUANT[family(fmt)](weight, scale, n, k, group_size, gguf_type(fmt))
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,34 +192,24 @@ def _enc_mxfp4(rng: np.random.Generator, n: int, k: int, gs: int | None, gt: str
     return {"weight": packed, "scale": (e8m0.astype(np.uint16) << 7)}
 
 
-# f16 fields (d, dmin...) of K-quant blocks, byte offsets: random blocks get finite values there
-_KQUANT_F16_FIELDS: dict[str, tuple[int, ...]] = {
-    "Q2_K": (80, 82),
-    "Q3_K": (108,),
-    "Q4_K": (0, 2),
-    "Q5_K": (0, 2),
-    "Q6_K": (208,),
-}
-
-
 def _enc_gguf(rng: np.random.Generator, n: int, k: int, gs: int | None, gt: str | None) -> dict[str, np.ndarray]:
     import gguf.quants
 
     t = GGML_TYPES[gt]  # type: ignore[index]
     qtype = gguf.GGMLQuantizationType(t.id)
     target = 1.0 / np.sqrt(k)
-    if gt in _KQUANT_F16_FIELDS:  # gguf.quants cannot quantize K-quants: random blocks
+    if t.block == 256 and t.f16_fields:  # gguf.quants cannot quantize K-quants: random blocks
         blocks = rng.integers(0, 256, (n, k // t.block, t.type_size), dtype=np.uint8)
         if gt == "Q6_K":  # int8 sub-block scales: keep them positive-ish and bounded
             blocks[:, :, 192:208] = rng.integers(1, 64, (n, k // t.block, 16), dtype=np.uint8)
         ones = np.full((n, k // t.block), 1.0, np.float16).view(np.uint8).reshape(n, k // t.block, 2)
-        for off in _KQUANT_F16_FIELDS[gt]:
+        for off in t.f16_fields:
             blocks[:, :, off:off + 2] = ones
         raw = blocks.reshape(n, -1)
         std = float(np.std(gguf.quants.dequantize(raw, qtype)))
         factor = target / std if std > 0 else 1.0
         vals = (rng.uniform(0.5, 1.5, (n, k // t.block)) * factor).astype(np.float16)
-        for off in _KQUANT_F16_FIELDS[gt]:
+        for off in t.f16_fields:
             blocks[:, :, off:off + 2] = vals.view(np.uint8).reshape(n, k // t.block, 2)
         return {"weight": blocks.reshape(n, -1).copy()}
     w = (rng.standard_normal((n, k)) * target).astype(np.float32)
@@ -249,9 +232,8 @@ def encode_random(
 ) -> dict[str, np.ndarray]:
     """A random piece of format `fmt` for a [n, k] matrix, scaled so W @ x keeps x's magnitude:
     {"weight": ..., "scale": ...} in the engine layout (no "scale" for bf16 / GGUF)."""
-    fam, gt = _family(fmt)
     g = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    return ENCODERS[fam](g, n, k, group_size, gt)
+    return ENCODERS[family(fmt)](g, n, k, group_size, gguf_type(fmt))
 
 
 # --------------------------------------------------------------------------------------------

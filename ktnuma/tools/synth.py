@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from ktnuma.text import ranges
-from ktnuma.index.dtypes import GGML_TYPES, SAFETENSORS_DTYPES
+from ktnuma.index.dtypes import FP8_BLOCK, GGML_TYPES, SAFETENSORS_DTYPES, ggml_nbytes
+from ktnuma.index.quant import MXFP4_GROUP
 from ktnuma.tools.st_write import StTensor, write_safetensors
 from ktnuma.index.model import PROJS
 
@@ -258,7 +259,7 @@ def _enc_fp8(o: Opts, n: int, k: int) -> list[Leaf]:
     if o.per_channel:
         shape = (n,) if "1d" in o.variants else (n, 1)
         return [w, Leaf("weight_scale", "F32", shape, GENERATORS["f32+"], "scale")]
-    return [w, Leaf("weight_scale_inv", "F32", (_cdiv(n, 128), _cdiv(k, 128)), GENERATORS["f32+"], "scale")]
+    return [w, Leaf("weight_scale_inv", "F32", (_cdiv(n, FP8_BLOCK), _cdiv(k, FP8_BLOCK)), GENERATORS["f32+"], "scale")]
 
 
 def _enc_rawint4(o: Opts, n: int, k: int) -> list[Leaf]:
@@ -287,7 +288,7 @@ def _enc_gptq(o: Opts, n: int, k: int) -> list[Leaf]:
 def _enc_mxfp4(o: Opts, n: int, k: int) -> list[Leaf]:
     return [
         Leaf("weight", "I8", (n, k // 2), GENERATORS["i8"], "weight"),  # E2M1, low nibble = even column
-        Leaf("scale", "F8_E8M0", (n, k // 32), GENERATORS["e8m0"], "scale"),
+        Leaf("scale", "F8_E8M0", (n, k // MXFP4_GROUP), GENERATORS["e8m0"], "scale"),
     ]
 
 
@@ -333,14 +334,8 @@ FORMAT_NAMES: tuple[str, ...] = ("bf16", "fp8", "fp8-channel", "rawint4", "gptq-
 
 # GGUF types synth writes, and how: "f16"/"bf16"/"f32" raw bits, "quantize" through gguf.quants,
 # or random blocks whose f16 scale fields (byte offsets in the block) are overwritten with finite values.
-GGUF_BLOCK_SCALES: dict[str, tuple[int, ...]] = {
-    "Q4_0": (0,),
-    "Q2_K": (80, 82),
-    "Q3_K": (108,),
-    "Q4_K": (0, 2),
-    "Q5_K": (0, 2),
-    "Q6_K": (208,),
-}
+# (the offsets are GGMLType.f16_fields)
+GGUF_BLOCK_SCALES: tuple[str, ...] = ("Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 GGUF_TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", *GGUF_BLOCK_SCALES)
 
 # --------------------------------------------------------------------------- presets
@@ -542,11 +537,11 @@ def _gguf_gen(t: str) -> Gen:
             vals = GENERATORS["f16"](rng, n).view("<f2").astype(np.float32).reshape(-1, g.block)
             return gguf.quants.quantize(vals, gguf.GGMLQuantizationType.Q8_0).reshape(-1)
         return q8
-    offs = GGUF_BLOCK_SCALES[t]
+    offs = g.f16_fields
 
     def blocks(rng: np.random.Generator, n: int) -> np.ndarray:
         nb = n // g.block
-        out = _raw(rng, nb * g.type_size).reshape(nb, g.type_size)
+        out = _raw(rng, ggml_nbytes(g, n)).reshape(nb, g.type_size)
         for off in offs:
             out[:, off:off + 2] = GENERATORS["f16d"](rng, nb).view(np.uint8).reshape(nb, 2)
         return out.reshape(-1)
@@ -779,8 +774,7 @@ def _itemsize(st_dtype: str) -> int:
 
 def _spec_nbytes(sp: _Spec, container: str) -> int:
     if container == "gguf":
-        g = GGML_TYPES[sp.dtype]
-        return sp.count // g.block * g.type_size
+        return ggml_nbytes(sp.dtype, sp.count)
     return sp.count * _itemsize(sp.dtype)
 
 

@@ -8,14 +8,15 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from ktnuma.errors import BadInput
-from ktnuma.index.dtypes import DTYPES, FP8_BLOCK, GGML_TYPES
+from ktnuma.index.dtypes import DTYPES, FP8_BLOCK, GGML_TYPES, ggml_nbytes
+from ktnuma.index.quant import MXFP4_GROUP
+from ktnuma.index.quant import family as _family
 from ktnuma.index.model import KINDS, PROJS
 
 log = logging.getLogger(__name__)
 
 MODES = ("flat", "pointers")
 
-MXFP4_GROUP = 32
 LLAMAFILE_QK = 256  # llamafile splits I in QK_K blocks
 DEFAULT_MAX_LEN = 64
 
@@ -68,10 +69,6 @@ BACKENDS: dict[str, Backend] = {
 
 
 
-def _family(fmt: str) -> str:
-    return "gguf" if fmt.startswith("gguf:") else fmt
-
-
 # --------------------------------------------------------------------------------------------
 # EngineSpec
 # --------------------------------------------------------------------------------------------
@@ -121,8 +118,7 @@ class EngineSpec:
             return 0
         dtype, shape = p
         if dtype.startswith("gguf:"):
-            t = GGML_TYPES[dtype[5:]]
-            return shape[0] * (shape[1] // t.block) * t.type_size
+            return ggml_nbytes(dtype[5:], shape[0] * shape[1])
         size = DTYPES[dtype].itemsize
         for d in shape:
             size *= d
