@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ktnuma.errors import UnsupportedQuantization
-from ktnuma.index.dtypes import CONVERSIONS, FP8_BLOCK
+from ktnuma.index.dtypes import CONVERSIONS
 
 # (axis, unit) per stored dim of a gate/up piece. axis: "I", "H", or "one" (a trailing [N, 1] dim).
 # unit: elements of that axis per stored index (int), "gs" = the group size read off the shapes,
