@@ -1,14 +1,47 @@
-"""Shared CLI helpers: logging to stderr, one-line errors with the contract's exit codes."""
+"""Shared CLI helpers: logging to stderr, one-line errors with the contract's exit codes, and the
+one place where library wording becomes command-line wording.
+
+The library speaks in parameter terms, as a caller of ``ktnuma.stream(...)`` writes them
+(``nodes=8``, ``split=ep``, ``shm_dir=DIR``); :func:`as_flags` rewords those as the flags a
+command-line user types (``--nodes 8``, ``--split ep``, ``--shm-dir DIR``). Every error line and
+every log line of a CLI entry point goes through it; nothing else rewords.
+"""
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
 from ktnuma.errors import KtnumaError
 from ktnuma.text import human, ranges  # noqa: F401  (re-exported for the CLI modules)
+
+
+# library parameter -> CLI flag. A message names a parameter as `name=value` (`nodes=8`) or,
+# without a value, as `name=` followed by a placeholder (`shm_dir=DIR`).
+FLAGS: dict[str, str] = {
+    "nodes": "--nodes", "split": "--split", "layers": "--layers", "format": "--format",
+    "topology": "--topology", "shm_dir": "--shm-dir", "manifest": "--manifest", "io": "--io",
+    "retries": "--retries", "host_experts": "--host-experts", "dist_timeout": "--dist-timeout",
+}
+# boolean parameters whose value is spelled by a switch
+SWITCHES: dict[str, str] = {"simulate=False": "--no-simulate", "verify=True": "--verify"}
+_SWITCH = re.compile(r"(?<![\w.-])(" + "|".join(re.escape(k) for k in SWITCHES) + r")(?![\w])")
+_PARAM = re.compile(r"(?<![\w.-])(" + "|".join(FLAGS) + r")=(?!=)")
+
+
+def as_flags(message: str) -> str:
+    """Reword a library message for a command-line user: ``nodes=8`` -> ``--nodes 8``,
+    ``simulate=False`` -> ``--no-simulate`` (the tables above)."""
+    message = _SWITCH.sub(lambda m: SWITCHES[m.group(1)], message)
+    return _PARAM.sub(lambda m: FLAGS[m.group(1)] + " ", message)
+
+
+class _FlagWording(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return as_flags(super().format(record))
 
 
 def setup_logging(prog: str, quiet: bool = False, verbose: int = 0) -> None:
@@ -22,7 +55,7 @@ def setup_logging(prog: str, quiet: bool = False, verbose: int = 0) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     h = logging.StreamHandler(sys.stderr)
-    h.setFormatter(logging.Formatter(f"ktnuma {prog}: %(message)s"))
+    h.setFormatter(_FlagWording(f"ktnuma {prog}: %(message)s"))
     root.addHandler(h)
     root.setLevel(level)
 
@@ -31,7 +64,7 @@ def fail(prog: str, err: BaseException) -> int:
     """Print the one-line error and return its exit code."""
     code = getattr(err, "exit_code", 1)
     msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    print(f"ktnuma {prog}: error: {msg}", file=sys.stderr, flush=True)
+    print(f"ktnuma {prog}: error: {as_flags(msg)}", file=sys.stderr, flush=True)
     return code
 
 

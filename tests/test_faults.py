@@ -307,7 +307,7 @@ def test_preflight_refuses_node_memavailable_with_numbers(synth_model, monkeypat
         check_memory(p.segments, topo, None)
     msg = str(ei.value)
     assert ei.value.exit_code == 3
-    assert f"({p.total_bytes} bytes)" in msg and "node 0" in msg and "1.00 MB" in msg and "--nodes" in msg
+    assert f"({p.total_bytes} bytes)" in msg and "node 0" in msg and "1.00 MB" in msg and "nodes=N" in msg
     # the handoff checks its window of layers the same way, before any segment exists
     import ktnuma
 

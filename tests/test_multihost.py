@@ -59,7 +59,7 @@ def test_host_map_forms_and_refusals():
 def test_host_map_file_errors_name_the_file(tmp_path):
     p = tmp_path / "map.json"
     p.write_text("[[0, 4], [4,")
-    with pytest.raises(BadInput, match=f"--host-experts {p}: not readable JSON"):
+    with pytest.raises(BadInput, match=f"host_experts={p}: not readable JSON"):
         D.load_host_map(str(p), 2, 0, 8)
     with pytest.raises(BadInput, match="no such file"):
         D.load_host_map(str(tmp_path / "nope.json"), 2, 0, 8)

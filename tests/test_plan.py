@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from ktnuma.cli import as_flags
 from ktnuma.errors import PlanInvalid, SplitError, TopologyError
 from ktnuma.index.dtypes import GGML_TYPES, itemsize
 from ktnuma.index.model import PROJS, ModelConfig, ModelIndex, PieceGroup, SourceFile
@@ -377,8 +378,9 @@ def test_refusal_message_fp8_example():
         plan(idx, range(8), "tp")
     assert str(ei.value) == (
         "moe_intermediate_size 2560 over 8 nodes gives 320 per node, not a multiple of the "
-        "128-wide FP8 scale blocks; use --nodes 2, 4 or 5, or --split ep"
-    )
+        "128-wide FP8 scale blocks; use nodes=2, 4 or 5, or split=ep"
+    )  # the library's terms; the CLI words them as flags:
+    assert as_flags(str(ei.value)).endswith("; use --nodes 2, 4 or 5, or --split ep")
     assert ei.value.exit_code == 2
     plan(idx, range(8), "ep")  # the way out works
     plan(idx, range(5), "tp")
@@ -387,30 +389,31 @@ def test_refusal_message_fp8_example():
 def test_refusal_messages_name_the_unit():
     idx = build_index(None, "rawint4", H=64, I=96, E=2, gs=32)
     with pytest.raises(SplitError, match=r"96 over 2 nodes gives 48 per node, not a multiple of the "
-                       r"32-wide quant groups of down_proj; use --nodes 3, or --split ep"):
+                       r"32-wide quant groups of down_proj; use nodes=3, or split=ep"):
         check_split(idx, 2, "tp")
     idx = build_index(None, "bf16", H=64, I=96, E=2)
     with pytest.raises(SplitError, match=r"96 over 5 nodes gives 19.2 per node, not a whole number; "
-                       r"use --nodes 2, 3, 4, 6 or 8, or --split ep"):
+                       r"use nodes=2, 3, 4, 6 or 8, or split=ep"):
         check_split(idx, 5, "tp")
     idx = build_index(None, "gguf:Q4_K", H=256, I=256, E=2)
-    with pytest.raises(SplitError, match=r"not a multiple of the 256-weight Q4_K blocks of down_proj; use --split ep$"):
+    with pytest.raises(SplitError, match=r"not a multiple of the 256-weight Q4_K blocks of down_proj; use split=ep$"):
         check_split(idx, 2, "tp")
     # a reader's unit_note wins over the table's wording
     g = [dataclasses.replace(x, unit_note="Q4_K blocks of 256 weights") if x.i_dim == 1 else x for x in idx.groups]
     with pytest.raises(SplitError, match="the Q4_K blocks of 256 weights of down_proj"):
         check_split(dataclasses.replace(idx, groups=tuple(g)), 2, "tp")
-    with pytest.raises(SplitError, match="--split 'xp'"):
+    with pytest.raises(SplitError, match="split='xp'"):
         check_split(idx, 2, "xp")
 
 
 def test_presharded_amx_rules():
     idx = build_index(None, "amx-int4", H=64, I=64, E=2, shards=4)
     check_split(idx, 4, "tp")
-    with pytest.raises(SplitError, match=r"pre-sharded into 4 .numa shards, not 2; use --nodes 4"):
+    with pytest.raises(SplitError, match=r"pre-sharded into 4 .numa shards, not 2; use nodes=4"):
         check_split(idx, 2, "tp")
-    with pytest.raises(SplitError, match=r"--split ep is impossible; use --split tp --nodes 4"):
+    with pytest.raises(SplitError, match=r"split=ep is impossible; use split=tp nodes=4") as ei:
         check_split(idx, 4, "ep")
+    assert as_flags(str(ei.value)).endswith("--split ep is impossible; use --split tp --nodes 4")
 
 
 def test_index_disagreeing_with_config_is_refused():
@@ -623,7 +626,7 @@ def test_synth_refusal_on_misaligned_fp8(tmp_path):
     synth.write_model(tmp_path, "fp8", layers=1, experts=2, hidden=128, intermediate=384, seed=1)
     idx = index_model(str(tmp_path))
     with pytest.raises(SplitError, match="384 over 2 nodes gives 192 per node, not a multiple of the 128-wide "
-                       "FP8 scale blocks; use --nodes 3, or --split ep"):
+                       "FP8 scale blocks; use nodes=3, or split=ep"):
         plan(idx, [0, 1], "tp")
     check_plan_bytes(idx, [0, 1, 2], "tp")
 

@@ -232,7 +232,7 @@ def test_enospc_in_worker_is_not_enough_memory(synth_model, tiny_tmpfs):
 
     d = tiny_tmpfs("2m")  # the tiny bf16 model needs 6 MB: the pre-flight is bypassed on purpose
     run_id = shm.new_run_id()
-    with pytest.raises(NotEnoughMemory, match="--shm-dir") as ei:
+    with pytest.raises(NotEnoughMemory, match="shm_dir=DIR") as ei:
         stage(index_model(synth_model("bf16").path), select(path=TOPOS[2]), "tp", run_id=run_id,
               shm_dir=d)
     assert ei.value.exit_code == 3

@@ -11,6 +11,7 @@ from pathlib import Path
 import posix_ipc
 import pytest
 
+from ktnuma.cli import as_flags
 from ktnuma.host import numa
 from ktnuma.host import topology
 from ktnuma.errors import TopologyError
@@ -85,7 +86,8 @@ def test_no_simulate_refuses_more_nodes():
     with pytest.raises(TopologyError) as info:
         topology.select(len(REAL) + 1, simulate=False)
     assert info.value.exit_code == 2
-    assert f"--nodes {len(REAL) + 1}" in str(info.value) and "--no-simulate" in str(info.value)
+    assert f"nodes={len(REAL) + 1}" in str(info.value) and "simulate=False" in str(info.value)
+    assert f"--nodes {len(REAL) + 1}" in as_flags(str(info.value)) and "--no-simulate" in as_flags(str(info.value))
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5])
@@ -207,7 +209,7 @@ def test_nodes_below_file_count_takes_first_n_and_above_is_error(caplog):
 def test_no_simulate_refuses_simulated_file():
     with pytest.raises(TopologyError) as info:
         topology.select(path=str(TOPOS / "two-node.toml"), simulate=False)
-    assert "--no-simulate" in str(info.value) and "two-node.toml" in str(info.value)
+    assert "simulate=False" in str(info.value) and "two-node.toml" in str(info.value)
 
 
 def test_real_layout_file_with_no_simulate_is_accepted(tmp_path):

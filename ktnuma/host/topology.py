@@ -160,17 +160,17 @@ def _majority(cpus: tuple[int, ...], owner: dict[int, int]) -> int:
 def select(nodes: int | None = None, path: str | None = None, simulate: bool = True) -> Topology:
     """The topology for ``--nodes N [--topology PATH] [--no-simulate]`` (see the module doc)."""
     if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
-        raise TopologyError(f"--nodes must be a positive integer, got {nodes!r}")
+        raise TopologyError(f"nodes={nodes!r}: must be a positive integer")
     if path is not None:
         topo = load(path)
         count = len(topo.nodes)
         if nodes is not None and nodes > count:
-            raise TopologyError(f"{path}: --nodes {nodes} but the topology file has {count} node(s)")
+            raise TopologyError(f"{path}: nodes={nodes} but the topology file has {count} node(s)")
         if nodes is not None:
             topo = Topology(nodes=topo.nodes[:nodes], simulated=topo.simulated, source=topo.source)
         if topo.simulated and not simulate:
             raise TopologyError(f"{path}: the topology is simulated on this machine (real node(s) "
-                                f"{ranges(numa.real_nodes())}) and --no-simulate was given")
+                                f"{ranges(numa.real_nodes())}) and simulate=False was given")
         return topo
 
     real = discover()
@@ -180,8 +180,8 @@ def select(nodes: int | None = None, path: str | None = None, simulate: bool = T
     if nodes < have:
         return Topology(nodes=real.nodes[:nodes], simulated=False, source=real.source)
     if not simulate:
-        raise TopologyError(f"--nodes {nodes} but this machine has {have} NUMA node(s) "
-                            f"({ranges(real.ids)}); drop --no-simulate to simulate them")
+        raise TopologyError(f"nodes={nodes} but this machine has {have} NUMA node(s) "
+                            f"({ranges(real.ids)}); drop simulate=False to simulate them")
     sim = _backed(list(range(nodes)), {n.id: n.cpus for n in real.nodes})
     log.warning("simulating %d NUMA nodes on %d real node(s): %s", nodes, have,
                 "; ".join(f"node {n.id} -> real {n.real_node} cpus {ranges(n.cpus)}" for n in sim))

@@ -42,11 +42,11 @@ def parse_layers(spec: str | Iterable[int] | None) -> tuple[int, ...] | None:
         part = part.strip()
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m:
-            raise BadInput(f"--layers {spec!r}: {part!r} is not a layer number or range like 1-3")
+            raise BadInput(f"layers={spec!r}: {part!r} is not a layer number or range like 1-3")
         a = int(m.group(1))
         b = int(m.group(2)) if m.group(2) else a
         if b < a:
-            raise BadInput(f"--layers {spec!r}: range {part!r} runs backwards")
+            raise BadInput(f"layers={spec!r}: range {part!r} runs backwards")
         out.update(range(a, b + 1))
     return tuple(sorted(out))
 
@@ -86,22 +86,22 @@ def _detect_format(hits: list[Hit], files: list[str], forced: str | None) -> Qua
         raise ModelError(f"{os.path.dirname(files[0])}: expert tensors found but no expert weights")
     candidates = [f for f in detectable() if forced is None or f.name == forced]
     if forced is not None and not candidates:
-        raise BadInput(f"--format {forced!r} is not a format for this naming")
+        raise BadInput(f"format={forced!r} is not a format for this naming")
     for f in candidates:
         if all(s in f.weight.suffixes and d in f.weight.dtypes for s, d in weights):
             return f
     s, d = sorted(weights)[0]
     h = next(h for h in hits if (h.suffix, h.ext.dtype) == (s, d))
-    what = f"--format {forced}" if forced else "any known format"
+    what = f"format={forced}" if forced else "any known format"
     raise FormatError(files[h.ext.file], f"expert weight suffix {s!r} with dtype {d} matches {what}", h.ext.name)
 
 
 # (naming layout) -> check of --format for namings that imply their format
 _IMPLIED: dict[str, Callable[[str, str], str | None]] = {
     "gguf": lambda forced, path: None if forced.startswith("gguf") else
-    f"--format {forced!r} does not fit {path}, a GGUF model (use gguf:<TYPE> or leave it out)",
+    f"format={forced!r} does not fit {path}, a GGUF model (use gguf:<TYPE> or leave it out)",
     "amx": lambda forced, path: None if forced in AMX_FORMATS else
-    f"--format {forced!r} does not fit pre-sharded `.numa.N` tensors (use {' or '.join(AMX_FORMATS)})",
+    f"format={forced!r} does not fit pre-sharded `.numa.N` tensors (use {' or '.join(AMX_FORMATS)})",
 }
 
 

@@ -75,10 +75,10 @@ def check_shards(index: ModelIndex, n_nodes: int, split: str, *, allowed: bool) 
         return False
     if not allowed:
         raise SplitError(f"{index.format} files are pre-sharded into {index.shards} .numa shards: "
-                         f"--split {split} is impossible; use --split tp --nodes {index.shards}")
+                         f"split={split} is impossible; use split=tp nodes={index.shards}")
     if n_nodes != index.shards:
         raise SplitError(f"{index.format} files are pre-sharded into {index.shards} .numa shards, "
-                         f"not {n_nodes}; use --nodes {index.shards}")
+                         f"not {n_nodes}; use nodes={index.shards}")
     return True
 
 

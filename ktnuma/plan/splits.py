@@ -15,12 +15,12 @@ def split_rule(split: str) -> Split:
     try:
         return SPLITS[split]
     except (KeyError, TypeError):
-        raise SplitError(f"--split {split!r}: expected one of {', '.join(SPLITS)}") from None
+        raise SplitError(f"split={split!r}: expected one of {', '.join(SPLITS)}") from None
 
 
 def check_split(index: ModelIndex, n_nodes: int, split: str) -> None:
     """Refuse a split the alignment table forbids, with the numbers and a way out (SplitError)."""
     rule = split_rule(split)
     if n_nodes < 1:
-        raise SplitError(f"--nodes {n_nodes}: need at least one node")
+        raise SplitError(f"nodes={n_nodes}: need at least one node")
     rule.check(index, n_nodes)

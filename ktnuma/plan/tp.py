@@ -87,9 +87,9 @@ def check(index: ModelIndex, n_nodes: int) -> None:
     ok = [n for n in SUGGEST_NODES if n > 1 and _refusal(big_i, n, units) is None]
     if ok:
         nodes = ", ".join(map(str, ok[:-1])) + (" or " if len(ok) > 1 else "") + str(ok[-1])
-        way = f"use --nodes {nodes}, or --split ep"
+        way = f"use nodes={nodes}, or split=ep"
     else:
-        way = "use --split ep"
+        way = "use split=ep"
     raise SplitError(f"moe_intermediate_size {big_i} over {n_nodes} nodes {why}; {way}")
 
 

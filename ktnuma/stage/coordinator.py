@@ -270,7 +270,7 @@ class Run:
         if layers_in_flight < 1:
             raise BadInput(f"layers_in_flight must be >= 1, got {layers_in_flight}")
         if retries < 0:
-            raise BadInput(f"--retries must be >= 0, got {retries}")
+            raise BadInput(f"retries={retries}: must be >= 0")
         self.plan = plan
         self.topology = topology
         self.run_id = run_id
@@ -472,7 +472,7 @@ class Run:
             if kind == "nospace":
                 where = shm.norm_dir(self.shm_dir)
                 raise NotEnoughMemory(f"{text}: the shared-memory filesystem {where} is full; enlarge it "
-                                      f"(mount -o remount,size=NG {where}) or use --shm-dir on a larger tmpfs")
+                                      f"(mount -o remount,size=NG {where}) or use shm_dir=DIR on a larger tmpfs")
             if kind == "input":
                 raise BadInput(text)
             if p.job is None:

@@ -120,7 +120,7 @@ def host_blocks(first: int, stop: int, world: int) -> list[tuple[int, int]]:
     return [(first + lo, first + hi) for lo, hi in ep_blocks(stop - first, world)]
 
 
-def parse_host_map(data: Any, world: int, first: int, stop: int, where: str = "--host-experts") -> list[tuple[int, int]]:
+def parse_host_map(data: Any, world: int, first: int, stop: int, where: str = "host map") -> list[tuple[int, int]]:
     """Validate an explicit host map (see add_arguments) into [first, stop) per rank.
 
     Each rank's range must be contiguous and non-empty; together they must cover
@@ -179,10 +179,10 @@ def load_host_map(path: str, world: int, first: int, stop: int) -> list[tuple[in
         with open(path, "rb") as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise BadInput(f"--host-experts {path}: no such file") from None
+        raise BadInput(f"host_experts={path}: no such file") from None
     except (OSError, ValueError) as exc:
-        raise BadInput(f"--host-experts {path}: not readable JSON ({exc})") from None
-    return parse_host_map(data, world, first, stop, where=f"--host-experts {path}")
+        raise BadInput(f"host_experts={path}: not readable JSON ({exc})") from None
+    return parse_host_map(data, world, first, stop, where=f"host_experts={path}")
 
 
 def restrict_experts(index: ModelIndex, first: int, stop: int) -> ModelIndex:
@@ -238,7 +238,7 @@ class Session:
         if not 0 <= self.rank < self.world:
             raise BadInput(f"RANK {self.rank} outside WORLD_SIZE {self.world}")
         if timeout <= 0:
-            raise BadInput(f"--dist-timeout must be > 0 seconds, got {timeout:g}")
+            raise BadInput(f"dist_timeout={timeout:g}: must be > 0 seconds")
         self.timeout = timeout
         self.host_map_path = host_map_path
         self.host = socket.gethostname()
@@ -355,7 +355,7 @@ class Session:
                     self.broken = True
                     raise BadInput(f"rank {r.rank} on {r.host} has {key} {r.info.get(key)!r}, rank "
                                    f"{self.rank} has {info[key]!r}: every host must stage the same model, "
-                                   "layers and --host-experts map")
+                                   "layers and host map (host_experts=PATH)")
         self.peers = reports
         log.info("rank %d stages experts [%d, %d) of [%d, %d)", self.rank, *self.experts, first, stop)
         return restrict_experts(index, *self.experts)

@@ -47,7 +47,7 @@ def source_piece(a, k: int, fds: Mapping[int, int]) -> bytes:
     else:
         src = b"".join(os.pread(fd, a.run, off + r * a.src_stride) for r in range(a.rows))
     if len(src) != a.rows * a.run:
-        raise VerifyFailed(f"--verify: source file ended early reading layer {a.layer} {a.proj} {a.kind} "
+        raise VerifyFailed(f"verify=True: source file ended early reading layer {a.layer} {a.proj} {a.kind} "
                            f"expert {a.first + k} (was it changed?)")
     if a.conversion:
         from ktnuma.index.dtypes import convert
@@ -101,7 +101,7 @@ def verify_run(plan, run_id: str, shm_dir: str | None) -> dict[ArrayKey, list[in
                 want = sums[(a.layer, a.node, a.proj, a.kind)]
                 for k, (g, w) in enumerate(zip(got, want)):
                     if g != w:
-                        raise VerifyFailed(f"--verify: segment {name} layer {a.layer} {a.proj} {a.kind} expert "
+                        raise VerifyFailed(f"verify=True: segment {name} layer {a.layer} {a.proj} {a.kind} expert "
                                            f"{a.first + k} differs from the source (crc32 {g:08x}, source {w:08x})")
         finally:
             mm.close()
@@ -133,7 +133,7 @@ def check(manifest: Mapping[str, Any], buffer_of: Callable[[str], Any],
     sums = recorded(manifest)
     if sums is None:
         raise VerifyFailed(f"manifest of run {manifest.get('run_id')} has no {ALGO} checksums "
-                           "(staged without --verify)")
+                           "(staged without verify=True)")
     only = None if layers is None else set(layers)
     n = 0
     for r, want in zip(manifest["arrays"], sums):

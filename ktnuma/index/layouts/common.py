@@ -151,7 +151,7 @@ def collect(root: str, paths: list[str], naming: NamingRule, fmt: QuantFormat | 
     else:
         missing = [layer for layer in want_layers if layer not in all_layers]
         if missing:
-            raise BadInput(f"--layers: layer(s) {ranges(missing)} have no routed experts in {root} "
+            raise BadInput(f"layers={ranges(want_layers)}: layer(s) {ranges(missing)} have no routed experts in {root} "
                            f"(MoE layers: {ranges(all_layers)})")
         staged = want_layers
     ctx.all_layers, ctx.staged, ctx.ignored = all_layers, staged, tuple(ignored)

@@ -38,5 +38,5 @@ def build(ctx: Context) -> ModelIndex:
     fmt = groups[0].dtype  # gguf:<type of the first staged gate>; arrays carry their own types
     if ctx.forced not in (None, "gguf", fmt):
         have = sorted({g.dtype for g in groups})
-        raise BadInput(f"--format {ctx.forced}: {ctx.root} stores its experts as {', '.join(have)}")
+        raise BadInput(f"format={ctx.forced}: {ctx.root} stores its experts as {', '.join(have)}")
     return ctx.finish(fmt, groups, ctx.config(n, hidden, inter))

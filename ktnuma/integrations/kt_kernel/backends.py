@@ -222,7 +222,7 @@ def check_engine_limits(spec: EngineSpec, n_parts: int = 1) -> None:
         # silent failure: I_tp 64 gives NaN / rel 0.5 (engine-facts)
         need(It % FP8_BLOCK == 0,
              f"per-part intermediate {It} is not a multiple of the {FP8_BLOCK}-wide FP8 scale blocks "
-             f"(the engine returns NaN/garbage); use fewer parts or --split ep")
+             f"(the engine returns NaN/garbage); use fewer parts or split=ep")
     elif fam in ("gptq-int4", "rawint4", "mxfp4"):
         gs = spec.group_size or 0
         need(gs > 0 and gs % 8 == 0, f"group size {gs} must be a positive multiple of 8")
@@ -231,7 +231,7 @@ def check_engine_limits(spec: EngineSpec, n_parts: int = 1) -> None:
             # silent failure: GPTQ with I_tp < gs gives all-zero output (engine-facts)
             need(It % gs == 0,
                  f"per-part intermediate {It} is not a multiple of the group size {gs} "
-                 f"(the engine would return zeros or fail); use fewer parts or --split ep")
+                 f"(the engine would return zeros or fail); use fewer parts or split=ep")
         if fam == "gptq-int4":
             need(gs in (32, 64, 128), f"group size {gs} untested with AVX2GPTQInt4_MOE (32, 64, 128 work)")
     elif fam == "gguf":
@@ -239,7 +239,7 @@ def check_engine_limits(spec: EngineSpec, n_parts: int = 1) -> None:
         gate_t, up_t, down_t = (GGML_TYPES[t] for t in spec.gguf_types)
         need(It % LLAMAFILE_QK == 0,
              f"per-part intermediate {It} is not a multiple of {LLAMAFILE_QK} (llamafile splits I in QK_K "
-             f"blocks); use fewer parts or --split ep")
+             f"blocks); use fewer parts or split=ep")
         # silent failure: H=128 gives all zeros for qlen >= 10 (engine-facts)
         need(H != 128, "hidden 128 gives all-zero output for 10 or more tokens in llamafile")
         need(H % gate_t.block == 0 and H % up_t.block == 0,
