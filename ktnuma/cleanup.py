@@ -3,7 +3,9 @@
 Removes (1) the segments, manifest and registry entry of every registered run whose owner died
 while staging or holding (a detached entry without its manifest counts as dead), and (2)
 ``ktnuma.<run_id>.L<layer>.n<node>`` segments of the caller's uid that no registered run owns.
-Never a live run, never a detached run with its manifest, never another user's segment.
+Never a live run, never a detached run with its manifest, never another user's segment; only
+names of the run's form, regular files of the caller's uid, in the run's recorded shm dir. Also
+removes the publish temp file of a dead run and registry temp files whose writer is gone.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ktnuma import cli
-from ktnuma.stage import registry
 from ktnuma.host import shm
+from ktnuma.stage import registry
+from ktnuma.stage.session import remove_run
 
 log = logging.getLogger("ktnuma.cleanup")
 
@@ -27,17 +30,27 @@ class Report:
     manifests: list[str] = field(default_factory=list)
     runs: list[str] = field(default_factory=list)  # registry entries removed
     kept: list[str] = field(default_factory=list)  # live / detached runs left alone
+    temps: list[str] = field(default_factory=list)  # stale temp files of dead writers
 
 
-def _manifest_of(entry: registry.RunEntry) -> bool:
-    """The entry's manifest exists and belongs to that run (never delete someone else's file)."""
-    import json
-
-    try:
-        with open(entry.manifest) as f:
-            return json.load(f).get("run_id") == entry.run_id
-    except (OSError, ValueError, AttributeError):
-        return False
+def _stale_temps(dry_run: bool) -> list[str]:
+    """Registry temp files (``.<run_id>.json.<pid>.tmp``) whose writer is gone."""
+    d = registry.registry_dir()
+    out = []
+    for name in os.listdir(d):
+        parts = name.split(".")
+        if len(parts) != 5 or parts[0] or parts[2:] != ["json", parts[3], "tmp"] or not parts[3].isdigit():
+            continue
+        if registry.owner_alive(registry.RunEntry(parts[1], int(parts[3]), None, "staging", "/", "/")):
+            continue
+        path = os.path.join(d, name)
+        out.append(path)
+        if not dry_run:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", path, exc)
+    return out
 
 
 def cleanup(dry_run: bool = False, scan_dirs: Sequence[str] | None = None) -> Report:
@@ -49,20 +62,15 @@ def cleanup(dry_run: bool = False, scan_dirs: Sequence[str] | None = None) -> Re
             owned.add(e.run_id)
             rep.kept.append(e.run_id)
             continue
-        d = None if shm.is_posix(e.shm_dir) else e.shm_dir
-        for name in shm.run_segments(e.run_id, d):
-            rep.segments.append((shm.norm_dir(d), name))
-            if not dry_run:
-                shm.unlink(name, d)
-        if _manifest_of(e):
+        d = shm.resolve_dir(e.shm_dir)
+        gone = remove_run(e.run_id, d, manifest=e.manifest, dry_run=dry_run)
+        rep.segments += [(shm.norm_dir(d), name) for name in gone.segments]
+        if gone.manifest:
             rep.manifests.append(e.manifest)
-            if not dry_run:
-                os.unlink(e.manifest)
         rep.runs.append(e.run_id)
-        if not dry_run:
-            registry.remove(e.run_id)
+    rep.temps = _stale_temps(dry_run)
     for d in scan_dirs or [shm.DEFAULT_SHM_DIR]:
-        dd = None if shm.is_posix(d) else os.path.abspath(d)
+        dd = shm.resolve_dir(d)
         for name in shm.list_segments(dd, uid=uid):
             parsed = shm.parse_name(name)
             if parsed is None or parsed[0] in owned:
@@ -76,7 +84,10 @@ def cleanup(dry_run: bool = False, scan_dirs: Sequence[str] | None = None) -> Re
                 continue
             rep.segments.append((shm.norm_dir(dd), name))
             if not dry_run:
-                shm.unlink(name, dd)
+                try:
+                    shm.unlink(name, dd)
+                except OSError as exc:
+                    log.warning("cannot remove segment %s: %s", name, exc)
     return rep
 
 
@@ -96,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{verb} segment {os.path.join(d, name)}")
     for m in rep.manifests:
         print(f"{verb} manifest {m}")
+    for t in rep.temps:
+        print(f"{verb} temp file {t}")
     if not args.quiet:
         print(f"ktnuma cleanup: {verb} {len(rep.segments)} segment(s) of {len(rep.runs)} dead run(s) "
               f"and unowned; left {len(rep.kept)} live or detached run(s)", file=sys.stderr)

@@ -27,7 +27,7 @@ FLAGS: dict[str, str] = {
     "retries": "--retries", "host_experts": "--host-experts", "dist_timeout": "--dist-timeout",
 }
 # boolean parameters whose value is spelled by a switch
-SWITCHES: dict[str, str] = {"simulate=False": "--no-simulate", "verify=True": "--verify"}
+SWITCHES: dict[str, str] = {"simulate=False": "--no-simulate", "verify=True": "--verify", "force=True": "--force"}
 _SWITCH = re.compile(r"(?<![\w.-])(" + "|".join(re.escape(k) for k in SWITCHES) + r")(?![\w])")
 _PARAM = re.compile(r"(?<![\w.-])(" + "|".join(FLAGS) + r")=(?!=)")
 

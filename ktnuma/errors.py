@@ -270,3 +270,32 @@ class ParentGone(Exception):
     """The worker's stdin closed or a termination signal arrived: abandon the job, remove its
     unfinished segment, exit 0. Deliberately not a KtnumaError, so that no ``except KtnumaError``
     can swallow it; it never leaves the worker process."""
+
+
+# --- manifests (the one validation, ktnuma.stage.manifest_check; used by attach, release, stream, verify) ---
+class ManifestMalformed(ManifestError):
+    """Not a ktnuma manifest of this version: bad JSON, too large or too deep, a huge integer, a
+    field missing or of the wrong type. Exit 2."""
+
+
+class ManifestOutOfBounds(ManifestError):
+    """A record points outside its segment, or at experts or nodes the manifest does not have
+    (never a pointer outside a mapping). Exit 2."""
+
+
+class ManifestNames(ManifestError):
+    """A run id not of the generated form, or a segment name that is not exactly
+    ``ktnuma.<run_id>.L<layer>.n<node>`` of its own record. Exit 2."""
+
+
+class ManifestNotTrusted(ManifestError):
+    """release: the manifest is not owned by the caller, is writable by group or others, or is not
+    the one the run registry records for its run (``--force`` / ``force=True`` overrides). Exit 2."""
+
+
+class ManifestExists(BadInput):
+    """Publishing never replaces an existing manifest: another run published at that path. Exit 2."""
+
+
+class StdoutClosed(BadInput):
+    """launch could not write ``ready`` (stdout closed, its reader gone): the run was removed. Exit 2."""

@@ -15,11 +15,8 @@ import time
 from collections.abc import Sequence
 
 from ktnuma import cli
-from ktnuma.stage import distributed
-from ktnuma.stage import registry
-from ktnuma.host import shm
-from ktnuma.errors import BadInput, Interrupted, SplitError
-from ktnuma.host.preflight import check_memory
+from ktnuma.errors import Interrupted, StdoutClosed
+from ktnuma.stage import distributed, registry, session
 
 log = logging.getLogger("ktnuma.launch")
 
@@ -173,8 +170,6 @@ def summary_table(s: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- pre-flight
-
 # ---------------------------------------------------------------- main
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,91 +177,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging("launch", quiet=args.quiet, verbose=args.verbose)
     sig = Signals()
     sig.install()
-    shm_dir = None if args.shm_dir is None or shm.is_posix(args.shm_dir) else os.path.abspath(args.shm_dir)
-    if shm_dir is not None and not os.path.isdir(shm_dir):
-        raise BadInput(f"--shm-dir {shm_dir}: no such directory")
-
     from ktnuma.stage.coordinator import prespawn
-    from ktnuma.host.topology import select
 
-    topology = select(args.nodes, args.topology, simulate=not args.no_simulate)
-    workers = prespawn(topology)  # their interpreters start while we index and plan
+    prepared = session.prepare(args.model, nodes=args.nodes, topology=args.topology,
+                               simulate=not args.no_simulate, split=args.split, format=args.format,
+                               layers=args.layers, shm_dir=args.shm_dir, manifest=args.manifest,
+                               restrict=distributed.restrict, spawn=prespawn)
     try:
-        return _stage(args, sig, shm_dir, topology, workers)
+        return _stage(args, sig, prepared)
     finally:
-        workers.stop()  # the ones the run did not adopt (an error before staging)
+        prepared.stop_workers()  # the ones the run did not adopt (an error before staging)
 
 
-def _stage(args: argparse.Namespace, sig: Signals, shm_dir: str | None, topology, workers) -> int:
-    from ktnuma.index.experts import index_model
-    from ktnuma.plan.planner import check_split, plan as make_plan
-
-    index = index_model(args.model, format=args.format, layers=args.layers)
-    index = distributed.restrict(index)  # under torchrun: this rank's experts only
+def _write_ready(lines: Sequence[str]) -> None:
+    """stdout's last lines, flushed; StdoutClosed (exit 2) if they cannot be written."""
     try:
-        check_split(index, len(topology.nodes), args.split)
-    except SplitError as exc:  # name the model: the planner's message has the numbers and the way out
-        raise SplitError(f"{os.path.abspath(index.root)}: {exc}") from None
-    plan = make_plan(index, topology, args.split)
-    check_memory(plan.segments, topology, shm_dir)
+        if sys.stdout is None:  # started with fd 1 closed
+            raise OSError(9, "stdout is closed")
+        for line in lines:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except (OSError, ValueError) as exc:  # EPIPE (reader gone), a closed stdout (ValueError), EBADF
+        try:  # what is still buffered must not fail again at exit
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, sys.stdout.fileno())
+            os.close(fd)
+        except (OSError, ValueError, AttributeError):
+            pass
+        raise StdoutClosed(f"cannot write `ready` to stdout ({getattr(exc, 'strerror', None) or exc}); "
+                           "the run was removed") from None
+
+
+def _stage(args: argparse.Namespace, sig: Signals, p: session.Prepared) -> int:
     if args.io == "direct":
         from ktnuma.stage.worker import direct_ok
 
-        refused = [f for f in plan.files if not direct_ok(f)]
+        refused = [f for f in p.plan.files if not direct_ok(f)]
         if refused:
             log.warning("--io direct: %d of %d source file(s) refuse O_DIRECT (e.g. %s on tmpfs?); "
-                        "reading those through the page cache", len(refused), len(plan.files), refused[0])
-
-    run_id = shm.new_run_id()
-    manifest_path = os.path.abspath(args.manifest or f"ktnuma-{run_id}.json")
-    if not os.path.isdir(os.path.dirname(manifest_path)):
-        raise BadInput(f"--manifest {manifest_path}: directory does not exist")
-    if os.path.exists(manifest_path):
-        raise BadInput(f"--manifest {manifest_path}: exists; remove it or choose another path")
-    published = detached = False
+                        "reading those through the page cache", len(refused), len(p.plan.files), refused[0])
+    detached = False
     protected: frozenset[str] = frozenset()  # pre-existing names this run must never remove
-    reporter = Reporter(args.quiet, topology)
+    reporter = Reporter(args.quiet, p.topology)
     try:
-        entry = registry.register(run_id, manifest_path, shm.norm_dir(shm_dir))
         from ktnuma.stage.coordinator import stage
         from ktnuma.stage.manifest import build, publish
 
-        result = stage(index, topology, args.split, run_id=run_id, shm_dir=shm_dir, plan=plan,
+        result = stage(p.index, p.topology, args.split, run_id=p.run_id, shm_dir=p.shm_dir, plan=p.plan,
                        layers_in_flight=args.layers_in_flight, retries=args.retries, progress=reporter,
-                       io=args.io, workers=workers)
+                       io=args.io, workers=p.workers)
         reporter.end()
-        try:
-            m = build(index, topology, plan, result, run_id=run_id, shm_dir=shm_dir)
-            if args.verify:
-                from ktnuma.stage.verify import add_to_manifest, verify_run
+        m = build(p.index, p.topology, p.plan, result, run_id=p.run_id, shm_dir=p.shm_dir)
+        if args.verify:
+            from ktnuma.stage.verify import add_to_manifest, verify_run
 
-                add_to_manifest(m, verify_run(plan, run_id, shm_dir))
-            published = True  # from here on a failure (even mid-publish) must remove the manifest
-            publish(m, manifest_path)
-            entry = registry.update(entry, state="detached" if args.detach else "held")
-        except BaseException:
-            shm.unlink_run(run_id, shm_dir)
-            raise
-        distributed.ready(manifest_path, run_id)  # under torchrun: every rank ok, or exit non-zero
+            add_to_manifest(m, verify_run(p.plan, p.run_id, p.shm_dir))
+        publish(m, p.manifest)  # never replaces; from here on the finally removes it (it carries our id)
+        entry = registry.update(p.entry, state="held")
+        distributed.ready(p.manifest, p.run_id)  # under torchrun: every rank ok, or exit non-zero
         # from here on a signal means "release the held run" (foreground) or nothing (detach), never
         # "abort": `ready` may be on its way to the reader
-        if args.detach:
-            detached = True
-            sig.ignore()
-        else:
-            sig.mode = "holding"
-        s = summary(result, topology, manifest_path, index)
+        sig.mode = "holding"
+        s = summary(result, p.topology, p.manifest, p.index)
         if not args.quiet:
             print(summary_table(s), file=sys.stderr, flush=True)
-        if args.json:
-            print(json.dumps(s), flush=True)
-        print(f"ready {manifest_path}", flush=True)
-        if args.detach:
+        _write_ready(([json.dumps(s)] if args.json else []) + [f"ready {p.manifest}"])
+        if args.detach:  # `ready` is out: only now does the run count as detached
+            sig.ignore()
+            registry.update(entry, state="detached")
+            detached = True
             return 0
         while sig.got is None:  # a short sleep, not pause(): no window between the check and the wait
             time.sleep(0.2)
         sig.ignore()
-        log.info("%s: removing run %s", Signals.NAMES.get(sig.got, sig.got), run_id)
+        log.info("%s: removing run %s", Signals.NAMES.get(sig.got, sig.got), p.run_id)
         return 0
     except BaseException as exc:
         protected = getattr(exc, "names", frozenset())
@@ -275,19 +259,7 @@ def _stage(args: argparse.Namespace, sig: Signals, shm_dir: str | None, topology
         if sig.mode != "cleanup":
             sig.ignore()
         if not detached:
-            for name in set(shm.run_segments(run_id, shm_dir)) | {
-                    shm.segment_name(run_id, seg.layer, seg.node) for seg in plan.segments}:
-                if name not in protected:
-                    try:
-                        shm.unlink(name, shm_dir)
-                    except OSError as exc:  # not ours (another user's object): remove the rest
-                        log.warning("cannot remove segment %s: %s", name, exc)
-            if published:
-                try:
-                    os.unlink(manifest_path)
-                except FileNotFoundError:
-                    pass
-            registry.remove(run_id)
+            p.remove(protected)
 
 
 def entry(argv: Sequence[str] | None = None) -> int:

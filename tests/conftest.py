@@ -56,11 +56,13 @@ def shm_leak_check():
 
 @pytest.fixture
 def run_registry(tmp_path, monkeypatch) -> Path:
-    """A private ${XDG_RUNTIME_DIR} (inherited by subprocesses), so registry tests see only their runs."""
+    """A private run registry (KTNUMA_REGISTRY_DIR, the tests-only override; inherited by
+    subprocesses), so registry tests see only their runs."""
     d = tmp_path / "xdg"
     d.mkdir(mode=0o700)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(d))
-    return d / f"ktnuma-{os.getuid()}"
+    reg = d / f"ktnuma-{os.getuid()}"
+    monkeypatch.setenv("KTNUMA_REGISTRY_DIR", str(reg))
+    return reg
 
 
 @pytest.fixture(scope="session")

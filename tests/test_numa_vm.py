@@ -83,7 +83,7 @@ def test_launch_stages_each_node_slice_on_its_node(hardware, tmp_path):
     info = write_model(tmp_path / "model", "bf16", layers=2, experts=4, hidden=256, intermediate=256, mtp=False)
     script = tmp_path / "stage.sh"
     script.write_text(
-        "export XDG_RUNTIME_DIR=$TMPDIR\n"
+        "export KTNUMA_REGISTRY_DIR=$TMPDIR/ktnuma-registry\n"
         "for split in tp ep; do\n"
         f"  python3 -m ktnuma.launch {info.path} --nodes 2 --no-simulate --split $split --detach --quiet"
         " --manifest $TMPDIR/$split.json > /dev/null || exit $?\n"

@@ -177,7 +177,9 @@ def test_attach_refuses_segment_of_another_user(synth_model, run_registry, tmp_p
         assert victim in r.stdout and "permission denied" in r.stdout
     finally:
         run_module("release", str(man))
-    assert shm.run_segments(m["run_id"]) == []
+    # removal is of the caller's uid only: release left the segment now owned by uid 65534
+    assert shm.run_segments(m["run_id"]) == [victim]
+    shm.unlink(victim)
 
 
 def test_attach_refuses_segment_of_unexpected_size(synth_model, run_registry, tmp_path):

@@ -19,10 +19,17 @@ def test_run_id_and_names():
     tag = os.environ.get("KTNUMA_RUN_ID_PREFIX", "")  # the test session's tag (conftest)
     assert len(ids) == 100 and all(len(i) == 16 + len(tag) and i.startswith(tag) and int(i, 16) >= 0
                                    for i in ids)
-    name = shm.segment_name("00ff", 61, 3)
-    assert name == "ktnuma.00ff.L61.n3" and "/" not in name
-    assert shm.parse_name(name) == ("00ff", 61, 3)
-    assert shm.parse_name("ktnuma.00ff.L61") is None
+    rid = "00ff" * 4
+    name = shm.segment_name(rid, 61, 3)
+    assert name == f"ktnuma.{rid}.L61.n3" and "/" not in name
+    assert shm.parse_name(name) == (rid, 61, 3)
+    assert shm.parse_name(f"ktnuma.{rid}.L61") is None
+    # only names of the generated form: a short, non-hex or slashed run id, a layer number too long
+    for bad in (("00ff", 1, 0), ("../x" + "0" * 16, 1, 0), (rid, 10**12, 0), (rid, -1, 0), (rid, 0, 10**5)):
+        with pytest.raises(ValueError):
+            shm.segment_name(*bad)
+    for bad in (f"ktnuma.{rid}.L01.n0", f"ktnuma.{rid}.L1.n0\0", f"ktnuma.{rid.upper()}.L1.n0", "ktnuma.00ff.L1.n0"):
+        assert shm.parse_name(bad) is None
     with pytest.raises(ValueError):
         shm.create("ktnuma.x/../y")
 

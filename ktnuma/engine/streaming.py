@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ktnuma.host import shm
-from ktnuma.engine.attachment import ArrayRecord, LayerView, Released, SegmentViews
+from ktnuma.engine.views import ArrayRecord, LayerView, Released, SegmentViews
 from ktnuma.errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -126,15 +126,6 @@ def _refuse_in_place(engine: Any) -> None:
                        "`python -m ktnuma.launch` and use ktnuma.attach instead (the segments then outlive the engine)")
 
 
-def _check_window(plan: Any, topology: Any, window: int, shm_dir: str | None) -> None:
-    """The `window` heaviest layers must fit at once (shm space and each backing node's memory)."""
-    from ktnuma.host.preflight import check_memory
-
-    heaviest = sorted(plan.layers, key=lambda lyr: -sum(s.size for s in plan.layer_segments(lyr)))[:window]
-    check_memory([s for lyr in heaviest for s in plan.layer_segments(lyr)], topology, shm_dir,
-                 what=f"ktnuma.stream with {window} layer(s) in flight", way_out="lower prefetch")
-
-
 @contextmanager
 def stream(model: str | os.PathLike[str], nodes: int | None = None, split: str = "tp",
            layers: str | Sequence[int] | None = None, shm_dir: str | None = None, topology: str | None = None,
@@ -144,43 +135,32 @@ def stream(model: str | os.PathLike[str], nodes: int | None = None, split: str =
     `nodes`/`topology`/`split`/`layers`/`shm_dir`/`format`/`retries` mean what they mean for
     `launch`; `prefetch` is how many layers the workers stage ahead of the one held; `engine`
     ((backend, mode[, tp]) or a backend name) refuses engines that read in place."""
-    from ktnuma.stage import registry
+    from ktnuma.plan.planner import manifest_arrays
     from ktnuma.stage.coordinator import Run
-    from ktnuma.index.experts import index_model
-    from ktnuma.plan.planner import check_split, manifest_arrays, plan as make_plan
-    from ktnuma.host.topology import select
+    from ktnuma.stage.session import prepare
 
     _refuse_in_place(engine)
     if int(prefetch) < 0:
         raise BadInput(f"ktnuma.stream: prefetch must be >= 0, got {prefetch}")
     if split not in ("tp", "ep"):
         raise BadInput(f"ktnuma.stream: split must be tp or ep, not {split!r}")
-    sdir = None if shm_dir is None or shm.is_posix(shm_dir) else os.path.abspath(shm_dir)
-    if sdir is not None and not os.path.isdir(sdir):
-        raise BadInput(f"ktnuma.stream: shm_dir {sdir}: no such directory")
-    topo = select(nodes, os.fspath(topology) if topology is not None else None)
-    index = index_model(os.fspath(model), format=format, layers=layers)
-    check_split(index, len(topo.nodes), split)
-    plan = make_plan(index, topo, split)
     window = int(prefetch) + 1
-    _check_window(plan, topo, window, sdir)
-    run_id = shm.new_run_id()
-    records = [ArrayRecord.from_json(r)
-               for r in manifest_arrays(plan, lambda layer, node: shm.segment_name(run_id, layer, node))]
-    views = SegmentViews(records, topo.ids, fmt=index.format, split=split, config=index.config.as_manifest(),
-                         shm_dir=sdir, where=f"stream {run_id}: ")
-    sizes = {shm.segment_name(run_id, s.layer, s.node): s.size for s in plan.segments}
-    entry = registry.register(run_id, os.path.join(registry.registry_dir(), f"{run_id}.stream"), shm.norm_dir(sdir))
+    p = prepare(model, nodes=nodes, topology=topology, split=split, format=format, layers=layers,
+                shm_dir=shm_dir, stream=True, window=window)
+    views = None
     try:
-        with Run(plan, topo, run_id=run_id, shm_dir=sdir, layers_in_flight=window, retries=retries,
-                 stream=True) as run:
+        records = [ArrayRecord.from_json(r) for r in
+                   manifest_arrays(p.plan, lambda layer, node: shm.segment_name(p.run_id, layer, node))]
+        views = SegmentViews(records, p.topology.ids, fmt=p.index.format, split=split,
+                             config=p.index.config.as_manifest(), shm_dir=p.shm_dir, where=f"stream {p.run_id}: ")
+        sizes = {shm.segment_name(p.run_id, s.layer, s.node): s.size for s in p.plan.segments}
+        with Run(p.plan, p.topology, run_id=p.run_id, shm_dir=p.shm_dir, layers_in_flight=window,
+                 retries=retries, stream=True) as run:
             st = Stream(run, views, sizes)
-            log.info("stream %s: %s %s over %d node(s), %d layer(s), prefetch %d", run_id, index.format, split,
-                     len(topo.nodes), len(plan.layers), prefetch)
+            log.info("stream %s: %s %s over %d node(s), %d layer(s), prefetch %d", p.run_id, p.index.format,
+                     split, len(p.topology.nodes), len(p.plan.layers), prefetch)
             yield st
     finally:
-        views.close()
-        shm.unlink_run(run_id, sdir)
-        for name in sizes:
-            shm.unlink(name, sdir)
-        registry.remove(entry.run_id)
+        if views is not None:
+            views.close()
+        p.remove()

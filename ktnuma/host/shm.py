@@ -17,13 +17,18 @@ import mmap
 import os
 import re
 import secrets
+import stat
 
 log = logging.getLogger(__name__)
 
 PREFIX = "ktnuma."
 DEFAULT_SHM_DIR = "/dev/shm"
 MODE = 0o600
-NAME_RE = re.compile(r"^ktnuma\.([0-9a-f]+)\.L(\d+)\.n(\d+)$")
+NAME_RE = re.compile(r"^ktnuma\.([0-9a-f]{16,48})\.L(0|[1-9][0-9]{0,8})\.n(0|[1-9][0-9]{0,3})$")
+RUN_ID_RE = re.compile(r"^[0-9a-f]{16,48}$")  # the generated form: optional hex prefix + 16 hex digits
+MAX_LAYER = 10**9 - 1  # layer numbers that fit a segment name (NAME_RE)
+MAX_NODE = 9999
+TMPFS_MAGIC = 0x01021994
 
 
 RUN_ID_PREFIX_ENV = "KTNUMA_RUN_ID_PREFIX"  # tests: hex prefix that tags one test session's runs
@@ -38,7 +43,13 @@ def new_run_id() -> str:
     return prefix + secrets.token_hex(8)
 
 
+def valid_run_id(run_id: object) -> bool:
+    return isinstance(run_id, str) and RUN_ID_RE.fullmatch(run_id) is not None
+
+
 def segment_name(run_id: str, layer: int, node: int) -> str:
+    if not valid_run_id(run_id) or not 0 <= layer <= MAX_LAYER or not 0 <= node <= MAX_NODE:
+        raise ValueError(f"no segment name for run {run_id!r} layer {layer} node {node}")
     return f"{PREFIX}{run_id}.L{layer}.n{node}"
 
 
@@ -59,6 +70,32 @@ def is_posix(shm_dir: str | None) -> bool:
 
 def norm_dir(shm_dir: str | None) -> str:
     return DEFAULT_SHM_DIR if shm_dir is None else os.path.abspath(shm_dir)
+
+
+def resolve_dir(shm_dir: str | os.PathLike[str] | None) -> str | None:
+    """The one normalisation of a shm dir: None for POSIX shm (/dev/shm), else an absolute path.
+    Every module passes the result on (never the raw user value)."""
+    if shm_dir is None:
+        return None
+    d = os.fspath(shm_dir)
+    if "\0" in d or not d:
+        raise ValueError(f"bad shm dir {d!r}")
+    return None if is_posix(d) else os.path.abspath(d)
+
+
+def is_tmpfs(path: str) -> bool:
+    """The directory is on a tmpfs (statfs f_type), i.e. its files are memory, not disk."""
+    import ctypes
+
+    class _StatFS(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_long * 15)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = _StatFS()
+    if libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+    return (buf.f_type & 0xFFFFFFFF) == TMPFS_MAGIC
 
 
 def segment_path(name: str, shm_dir: str | None = None) -> str:
@@ -95,22 +132,33 @@ def create(name: str, shm_dir: str | None = None) -> int:
 
 
 def open_segment(name: str, shm_dir: str | None = None, *, write: bool = False) -> int:
-    """Open an existing segment; returns an fd (O_RDONLY unless write)."""
-    _check_name(name)
-    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
-    if is_posix(shm_dir):
-        import posix_ipc
+    """Open an existing segment; returns an fd (O_RDONLY unless write).
 
-        try:
-            shm = posix_ipc.SharedMemory("/" + name, flags=0, read_only=not write)
-        except posix_ipc.ExistentialError as exc:
-            raise FileNotFoundError(errno.ENOENT, f"no such segment: {name}") from exc
-        except posix_ipc.PermissionsError as exc:
-            raise PermissionError(errno.EACCES, f"no permission to open segment {name}") from exc
-        fd = os.dup(shm.fd)
-        shm.close_fd()
-        return fd
-    return os.open(os.path.join(norm_dir(shm_dir), name), flags)
+    Opened by path (on Linux ``shm_open`` is an open() under /dev/shm) with O_NOFOLLOW and
+    O_NONBLOCK, and refused unless it is a regular file: a FIFO or device planted at the name
+    never blocks or feeds the caller (OSError ENXIO-like: ``NotASegment``)."""
+    _check_name(name)
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    path = os.path.join(norm_dir(shm_dir), name)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"no such segment: {name}", path) from None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            raise NotASegment(errno.EINVAL, f"{path} is not a regular file (symlink, FIFO or device)",
+                              path) from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise PermissionError(errno.EACCES, f"no permission to open segment {name}", path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotASegment(errno.EINVAL, f"{path} is not a regular file (FIFO or device)", path)
+    return fd
+
+
+class NotASegment(OSError):
+    """Something other than a regular file sits at a segment's name."""
 
 
 def unlink(name: str, shm_dir: str | None = None) -> bool:
@@ -140,31 +188,33 @@ def map_fd(fd: int, size: int, *, write: bool = True) -> mmap.mmap:
 
 
 def list_segments(shm_dir: str | None = None, *, uid: int | None = None) -> list[str]:
-    """Names of ``ktnuma.*`` segments in ``shm_dir`` (default /dev/shm), optionally of one owner."""
+    """Names of ``ktnuma.<run_id>.L<layer>.n<node>`` segments in ``shm_dir`` (default /dev/shm),
+    optionally only regular files of one owner."""
     d = norm_dir(shm_dir)
     out = []
     try:
         entries = os.scandir(d)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     with entries:
         for e in entries:
-            if not e.name.startswith(PREFIX):
+            if not e.name.startswith(PREFIX) or NAME_RE.match(e.name) is None:
                 continue
             if uid is not None:
                 try:
-                    if e.stat(follow_symlinks=False).st_uid != uid:
-                        continue
+                    st = e.stat(follow_symlinks=False)
                 except FileNotFoundError:
+                    continue
+                if st.st_uid != uid or not stat.S_ISREG(st.st_mode):
                     continue
             out.append(e.name)
     return sorted(out)
 
 
-def run_segments(run_id: str, shm_dir: str | None = None) -> list[str]:
-    """Every existing segment of run ``run_id``."""
+def run_segments(run_id: str, shm_dir: str | None = None, *, uid: int | None = None) -> list[str]:
+    """Every existing segment of run ``run_id`` (optionally only regular files of ``uid``)."""
     p = run_prefix(run_id)
-    return [n for n in list_segments(shm_dir) if n.startswith(p)]
+    return [n for n in list_segments(shm_dir, uid=uid) if n.startswith(p)]
 
 
 def unlink_run(run_id: str, shm_dir: str | None = None) -> list[str]:

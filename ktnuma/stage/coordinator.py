@@ -274,7 +274,7 @@ class Run:
         self.plan = plan
         self.topology = topology
         self.run_id = run_id
-        self.shm_dir = None if shm_dir is None or shm.is_posix(shm_dir) else os.path.abspath(shm_dir)
+        self.shm_dir = shm.resolve_dir(shm_dir)
         self.layers_in_flight = layers_in_flight
         self.retries = retries
         self.progress = progress
@@ -377,12 +377,10 @@ class Run:
         self._drop_fds.clear()
 
     def remove_segments(self) -> None:
-        for name in sorted(self.created | set(self.segment_names()) | set(shm.run_segments(self.run_id, self.shm_dir))):
-            if name not in self.foreign:
-                try:
-                    shm.unlink(name, self.shm_dir)
-                except OSError as exc:  # not ours to remove (another user's object): go on with the rest
-                    log.warning("cannot remove segment %s: %s", name, exc)
+        from ktnuma.stage.session import remove_run
+
+        remove_run(self.run_id, self.shm_dir, names=self.created | set(self.segment_names()),
+                   protected=self.foreign, entry=False)  # the registry entry is the session's
 
     # ------------------------------------------------------------------ workers
     def _spawn(self, node) -> _Proc:

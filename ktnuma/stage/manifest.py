@@ -1,21 +1,29 @@
 """The manifest: one JSON file per published run (design "Manifest" contract).
 
-Published atomically: written to a temp file in the same directory (mode 0600), fsynced,
-``os.replace``d over the target, directory fsynced. Only complete runs publish one.
+Published without replace: written to ``.<name>.<run_id>.tmp`` in the same directory (mode 0600,
+O_EXCL), fsynced, hard-linked to the target (``link`` fails if the target exists: two runs never
+silently overwrite each other; :class:`~ktnuma.errors.ManifestExists`), the temp name unlinked,
+the directory fsynced. The temp name is derived from the target and the run id, so ``cleanup``
+removes the one a killed publisher left. :func:`unlink_if_ours` removes a manifest only while it
+still carries the caller's run id. :func:`load` reads and validates (``manifest_check``).
+Only complete runs publish one.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
-import tempfile
+import stat
 from typing import Any
 
+from ktnuma.errors import ManifestError, ManifestExists, ManifestMalformed, ManifestNotTrusted
 from ktnuma.host import shm
-from ktnuma.errors import ManifestError
+from ktnuma.index import bounded
+from ktnuma.stage.manifest_check import LIMIT, REQUIRED_KEYS, VERSION, check
 
-VERSION = 1
-REQUIRED_KEYS = ("ktnuma_manifest", "run_id", "owner", "split", "shm_dir", "model", "config",
-                 "topology", "segments", "arrays")
+__all__ = ["ManifestError", "REQUIRED_KEYS", "VERSION", "build", "load", "publish", "read_raw",
+           "trust", "tmp_path", "unlink_if_ours", "write_atomic", "proc_start_time"]
+log = logging.getLogger(__name__)
 
 
 def proc_start_time(pid: int | None = None) -> int | None:
@@ -65,24 +73,33 @@ def build(index, topology, plan, result, *, run_id: str, shm_dir: str | None,
     }
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
-    """temp file in the same dir (mode), fsync, os.replace, fsync the directory."""
+def tmp_path(path: str, run_id: str) -> str:
+    """The temp file a run publishes ``path`` through (cleanup finds a stale one by this name)."""
     path = os.path.abspath(path)
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".ktnuma-", suffix=".tmp", dir=d)
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{run_id}.tmp")
+
+
+def _write_tmp(tmp: str, data: bytes, mode: int) -> None:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quiet(tmp)
         raise
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(d: str) -> None:
     try:
         dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -93,30 +110,93 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
         pass
 
 
-def publish(manifest: dict, path: str) -> str:
-    """Write the manifest atomically at `path`; returns the absolute path."""
+def write_atomic(path: str, data: bytes, mode: int = 0o600, *, tmp: str | None = None) -> None:
+    """Write ``tmp`` (default ``.<name>.<pid>.tmp`` beside ``path``; O_EXCL, mode, fsync), then
+    os.replace it over ``path`` and fsync the directory. For files ktnuma owns outright (registry
+    entries, the global index); manifests use :func:`publish` (no replace)."""
     path = os.path.abspath(path)
-    write_atomic(path, json.dumps(manifest, separators=(",", ":")).encode() + b"\n")
+    tmp = tmp or os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    _write_tmp(tmp, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+def publish(manifest: dict, path: str) -> str:
+    """Publish the manifest at ``path`` without replacing anything; returns the absolute path.
+    ManifestExists if ``path`` exists (nothing is left behind)."""
+    path = os.path.abspath(path)
+    tmp = tmp_path(path, manifest["run_id"])
+    _write_tmp(tmp, json.dumps(manifest, separators=(",", ":")).encode() + b"\n", 0o600)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise ManifestExists(f"manifest {path} exists (published by another run meanwhile); "
+                             "nothing of this run was kept") from None
+    finally:
+        _unlink_quiet(tmp)
+    _fsync_dir(os.path.dirname(path))
     return path
 
 
-def load(path: str) -> dict[str, Any]:
-    """Read and check a manifest (version, required keys)."""
+def read_raw(path: str) -> Any:
+    """The parsed JSON of a manifest file, bounded (regular file, size, depth, integers), unchecked."""
     try:
-        with open(path, "rb") as f:
-            m = json.load(f)
+        return bounded.read(path, limit=LIMIT)
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such manifest") from None
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"{path}: not a readable ktnuma manifest ({exc})") from None
-    if not isinstance(m, dict) or "ktnuma_manifest" not in m:
-        raise ManifestError(f"{path}: not a ktnuma manifest (no 'ktnuma_manifest' key)")
-    if m["ktnuma_manifest"] != VERSION:
-        raise ManifestError(f"{path}: manifest version {m['ktnuma_manifest']!r}, this ktnuma reads {VERSION}")
-    missing = [k for k in REQUIRED_KEYS if k not in m]
-    if missing:
-        raise ManifestError(f"{path}: manifest lacks keys {', '.join(missing)}")
-    for s in m["segments"]:
-        if "/" in s["name"] or not s["name"].startswith(shm.PREFIX):
-            raise ManifestError(f"{path}: bad segment name {s['name']!r}")
-    return m
+    except bounded.JSONLimit as exc:
+        raise ManifestMalformed(f"{path}: not a readable ktnuma manifest ({exc})") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read the manifest ({exc.strerror})") from None
+
+
+def load(path: str) -> dict[str, Any]:
+    """Read and validate a manifest (manifest_check.check); a named ManifestError otherwise."""
+    return check(read_raw(path), path)
+
+
+def trust(path: str, force: bool = False) -> None:
+    """Refuse a manifest not owned by the caller or writable by group/others (someone else could
+    have written what it names), unless ``force``: ManifestNotTrusted saying why."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no such manifest") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot stat the manifest ({exc.strerror})") from None
+    why = None
+    if st.st_uid != os.getuid():
+        why = f"is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        why = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    if why and not force:
+        raise ManifestNotTrusted(f"{path} {why}: refusing to act on what it names (force=True overrides)")
+    if why:
+        log.warning("%s %s; going on (forced)", path, why)
+
+
+def carries(path: str, run_id: str) -> bool:
+    """The file at ``path`` is a manifest (bounded read) whose run_id is ``run_id``."""
+    try:
+        m = bounded.read(path, limit=LIMIT)
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("run_id") == run_id
+
+
+def unlink_if_ours(path: str, run_id: str) -> bool:
+    """Unlink ``path`` only while it carries ``run_id``; True if removed. Never raises."""
+    try:
+        if not carries(path, run_id):
+            return False
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("cannot remove manifest %s: %s", path, exc)
+        return False

@@ -1,10 +1,17 @@
-"""Run registry: one ``<run_id>.json`` per run in ``${XDG_RUNTIME_DIR:-/tmp}/ktnuma-<uid>/`` (0700).
+"""Run registry: one ``<run_id>.json`` per run in a per-uid directory every process of that uid agrees on.
+
+Location (:func:`registry_dir`): ``/run/ktnuma-<uid>`` when it exists or ``/run`` lets this uid
+create it, else ``/tmp/ktnuma-<uid>``; never from a variable that differs between a user's
+shells, cron, sudo and systemd units (``XDG_RUNTIME_DIR`` is ignored). The directory must be owned
+by the uid, mode 0700, and not under /dev/shm. Tests get a private registry with
+``KTNUMA_REGISTRY_DIR`` (:data:`DIR_ENV`; for tests only, same checks).
 
 Each entry: owner pid + process start time, state (staging | held | detached), manifest path,
-shm dir. Registered before the run's first segment exists, replaced atomically on every change.
-Never under /dev/shm or --shm-dir. A run is alive while a process with its pid and the same
-start time exists. Publishing the manifest is the commit point: a detached entry whose manifest
-is missing counts as dead.
+shm dir, uid. Registered before the run's first segment exists, replaced atomically on every
+change (temp files ``.<run_id>.json.<pid>.tmp``; cleanup removes those of dead writers). A run is
+alive while a process with its pid and the same start time exists. Publishing the manifest is the
+commit point: a detached entry whose manifest is missing counts as dead. Entries are validated on
+read (run id of the generated form, absolute paths, this uid): a malformed one is ignored.
 """
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from ktnuma.errors import KtnumaError, RegistryError
+from ktnuma.host import shm
+from ktnuma.index import bounded
 from ktnuma.stage.manifest import proc_start_time, write_atomic
 
 log = logging.getLogger(__name__)
@@ -35,16 +44,46 @@ class RunEntry:
     uid: int = -1
 
 
+DIR_ENV = "KTNUMA_REGISTRY_DIR"  # tests only: a private registry directory
+ENTRY_LIMIT = 64 << 10  # bytes of one entry file
+
+
+def candidates() -> list[str]:
+    """Where the registry of this uid lives, in order of preference."""
+    uid = os.getuid()
+    env = os.environ.get(DIR_ENV)
+    if env:
+        return [os.path.abspath(env)]
+    return [f"/run/ktnuma-{uid}", f"/tmp/ktnuma-{uid}"]
+
+
+def _usable(d: str) -> bool:
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        return os.access(os.path.dirname(d), os.W_OK | os.X_OK)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+
+
+def _under_shm(d: str) -> bool:
+    real = os.path.realpath(d)
+    return any(real == s or real.startswith(s + os.sep) for s in {"/dev/shm", os.path.realpath("/dev/shm")})
+
+
 def registry_dir(create: bool = True) -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    d = os.path.join(base, f"ktnuma-{os.getuid()}")
+    cands = candidates()
+    d = next((c for c in cands if _usable(c)), cands[-1])
+    if _under_shm(d):
+        raise RegistryError(f"run registry {d} is under /dev/shm (where segments live); refusing it")
     if create:
         try:
             os.mkdir(d, 0o700)
         except FileExistsError:
             pass
         except OSError as e:
-            raise RegistryError(f"run registry {d}: {e.strerror}; set XDG_RUNTIME_DIR to a writable directory") from None
+            raise RegistryError(f"run registry {d}: {e.strerror}") from None
         st = os.lstat(d)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
             raise RegistryError(f"run registry {d} is not a directory owned by uid {os.getuid()}")
@@ -57,7 +96,13 @@ def registry_dir(create: bool = True) -> str:
 
 
 def _path(run_id: str) -> str:
+    if not shm.valid_run_id(run_id):
+        raise RegistryError(f"run registry: {run_id!r} is not a ktnuma run id")
     return os.path.join(registry_dir(), f"{run_id}.json")
+
+
+def tmp_name(run_id: str, pid: int | None = None) -> str:
+    return f".{run_id}.json.{pid or os.getpid()}.tmp"
 
 
 def write(entry: RunEntry) -> RunEntry:
@@ -65,9 +110,10 @@ def write(entry: RunEntry) -> RunEntry:
         raise ValueError(entry.state)
     path = _path(entry.run_id)
     try:
-        write_atomic(path, json.dumps(asdict(entry)).encode() + b"\n")
+        write_atomic(path, json.dumps(asdict(entry)).encode() + b"\n",
+                     tmp=os.path.join(os.path.dirname(path), tmp_name(entry.run_id)))
     except OSError as e:
-        raise RegistryError(f"run registry {path}: {e.strerror}; set XDG_RUNTIME_DIR to a writable directory") from None
+        raise RegistryError(f"run registry {path}: {e.strerror}") from None
     return entry
 
 
@@ -94,11 +140,27 @@ def remove(run_id: str) -> bool:
         return False
 
 
+def _entry(d: object) -> RunEntry | None:
+    """A registry entry from its JSON, or None unless every field has the right type and form."""
+    if not isinstance(d, dict) or set(d) - {f for f in RunEntry.__dataclass_fields__}:
+        return None
+    try:
+        e = RunEntry(**d)
+    except TypeError:
+        return None
+    ints = (e.pid, e.uid) + (() if e.start_time is None else (e.start_time,))
+    if (not shm.valid_run_id(e.run_id) or not all(type(i) is int for i in ints) or e.pid <= 0
+            or e.state not in STATES or not isinstance(e.manifest, str) or not isinstance(e.shm_dir, str)
+            or not os.path.isabs(e.manifest) or not os.path.isabs(e.shm_dir) or "\0" in e.manifest + e.shm_dir
+            or e.uid != os.getuid() or not isinstance(e.created, (int, float))):
+        return None
+    return e
+
+
 def get(run_id: str) -> RunEntry | None:
     try:
-        with open(_path(run_id)) as f:
-            return RunEntry(**json.load(f))
-    except (FileNotFoundError, ValueError, TypeError):
+        return _entry(bounded.read(_path(run_id), limit=ENTRY_LIMIT))
+    except (OSError, ValueError, RegistryError):
         return None
 
 
@@ -106,7 +168,7 @@ def entries() -> list[RunEntry]:
     d = registry_dir()
     out = []
     for name in sorted(os.listdir(d)):
-        if not name.endswith(".json") or name.startswith("."):
+        if not name.endswith(".json") or name.startswith(".") or not shm.valid_run_id(name[:-5]):
             continue
         e = get(name[:-5])
         if e is None:

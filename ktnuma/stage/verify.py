@@ -157,7 +157,7 @@ def check_manifest(manifest_path: str) -> int:
     from ktnuma.stage.manifest import load
 
     m = load(manifest_path)
-    shm_dir = None if shm.is_posix(m["shm_dir"]) else m["shm_dir"]
+    shm_dir = shm.resolve_dir(m["shm_dir"])
     maps = {}
     try:
         for s in m["segments"]:
