@@ -1,0 +1,149 @@
+"""The kt-kernel drop-in through the real, unmodified `kt_kernel.KTMoEWrapper`, in a multiprocessing
+`spawn` child as SGLang's scheduler is (tests/ktwrapper_child.py), activated only by the environment
+and the package's .pth line (processed here through a sitecustomize that adds the .pth's directory as a
+site dir, as site-packages would be).
+
+For each method this CPU runs, threadpool_count 1 and 2: forward output of the wrapper with ktnuma
+(resident: a run staged by `launch --detach`; handoff: KTNUMA_STAGE=1) is bit-identical to the same
+wrapper loading the model directory the stock way. RAWINT4 on AVX2: the stock wrapper crashes (SIGSEGV)
+and ktnuma's output is the torch reference's; a second process attaching the same run gets the same bits
+without reading the model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_module
+
+pytest.importorskip("kt_kernel")
+torch = pytest.importorskip("torch")
+
+log = logging.getLogger(__name__)
+TWO = str(REPO / "configs/topologies/two-node.toml")
+PTH = REPO / "ktnuma/integrations/kt_kernel/ktnuma-kt-kernel.pth"
+E, TOPK = 8, 2
+
+# method -> (ktnuma format, hidden, intermediate, synth extras): smallest shapes that also split in two
+CASES = {
+    "BF16": ("bf16", 64, 64, {}),
+    "FP8": ("fp8", 128, 256, {}),
+    "GPTQ_INT4": ("gptq-int4", 64, 64, {"group_size": 32}),
+    "MXFP4": ("mxfp4", 64, 64, {}),
+    "LLAMAFILE": ("gguf:Q8_0", 256, 512, {}),
+}
+# (method, threadpool_count) whose engine reads the staged memory in place (engine-facts): resident only
+IN_PLACE = {("LLAMAFILE", 1)}
+
+
+@pytest.fixture(scope="session")
+def hook_site(tmp_path_factory) -> Path:
+    """A directory whose sitecustomize adds a site dir holding the package's .pth (what pip installs)."""
+    d = tmp_path_factory.mktemp("hook")
+    (d / "site").mkdir()
+    shutil.copy(PTH, d / "site" / PTH.name)
+    (d / "sitecustomize.py").write_text(f"import site\nsite.addsitedir({str(d / 'site')!r})\n")
+    return d
+
+
+class Child:
+    """Runs tests/ktwrapper_child.py with the hook on the path; env vars per call."""
+
+    def __init__(self, hook: Path, tmp: Path) -> None:
+        self.hook, self.tmp, self.n = hook, tmp, 0
+
+    def __call__(self, method: str, weight_path: str, info, tp: int, **env: str):
+        spec = {"experts": E, "experts_per_tok": TOPK, "hidden": info.config_h, "intermediate": info.config_i,
+                "threadpool_count": tp, "weight_path": weight_path, "method": method,
+                "layers": list(info.moe_layers), "model_files": list(info.files)}
+        self.n += 1
+        sp, out = self.tmp / f"spec{self.n}.json", self.tmp / f"out{self.n}.npz"
+        sp.write_text(json.dumps(spec))
+        e = {k: v for k, v in os.environ.items() if not k.startswith("KTNUMA_") or k == "KTNUMA_RUN_ID_PREFIX"}
+        e.update(PYTHONPATH=f"{self.hook}{os.pathsep}{REPO}", KT_FORCE_SYNC_SUBMIT="1", **env)
+        r = subprocess.run([sys.executable, str(REPO / "tests/ktwrapper_child.py"), str(sp), str(out)],
+                           capture_output=True, text=True, env=e, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res["stderr"] = r.stderr
+        if res["exitcode"] == 0:
+            z = np.load(out)
+            res["out"] = {k: z[k] for k in z.files if k != "meta"}
+            res.update(json.loads(bytes(z["meta"])))
+        return res
+
+
+@pytest.fixture
+def child(hook_site, tmp_path):
+    return Child(hook_site, tmp_path)
+
+
+@pytest.fixture
+def detached(tmp_path, run_registry):
+    made: list[str] = []
+
+    def launch(model: str, split: str, nodes: int) -> str:
+        man = str(tmp_path / f"run{len(made)}.json")
+        args = ["--topology", TWO] if nodes > 1 else []
+        r = run_module("launch", model, *args, "--nodes", str(nodes), "--split", split, "--detach", "--quiet",
+                       "--manifest", man)
+        assert r.returncode == 0, r.stderr
+        made.append(man)
+        return man
+
+    yield launch
+    for man in made:
+        if os.path.exists(man):
+            run_module("release", man)
+
+
+def _model(synth_model, method):
+    fmt, H, I, kw = CASES[method]
+    return _Info(synth_model(fmt, hidden=H, intermediate=I, experts=E, experts_per_tok=TOPK, **kw), H, I)
+
+
+class _Info:
+    def __init__(self, info, H: int, I: int) -> None:
+        self.path, self.files, self.moe_layers = info.path, info.files, info.moe_layers
+        self.config_h, self.config_i = H, I
+
+
+def _same(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b) and a
+    for k in a:
+        assert np.array_equal(a[k], b[k]), f"{k}: not bit-identical"
+        assert np.abs(a[k].astype(np.int32)).sum() > 0
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("method", list(CASES))
+def test_wrapper_output_is_bit_identical_resident_and_handoff(child, detached, synth_model, method, tp):
+    info = _model(synth_model, method)
+    stock = child(method, info.path, info, tp)
+    assert stock["exitcode"] == 0, stock["stderr"][-1500:]
+    ho = child(method, info.path, info, tp, KTNUMA_STAGE="1")
+    if (method, tp) in IN_PLACE:  # the engine keeps reading the source: a handoff would free it under it
+        assert ho["exitcode"] == 2 and "keeps reading the weights after load" in ho["error"]
+        assert "\n" not in ho["error"] and "KTNUMA_MANIFEST" in ho["error"]
+    else:
+        assert ho["exitcode"] == 0, ho["error"] or ho["stderr"][-1500:]
+        _same(stock["out"], ho["out"])
+        assert ho["shm_after"] == 0  # every handoff segment is gone once the last layer is loaded
+    man = detached(info.path, "ep" if tp > 1 else "tp", tp)
+    res = child(method, info.path, info, tp, KTNUMA_MANIFEST=man)
+    assert res["exitcode"] == 0, res["error"] or res["stderr"][-1500:]
+    _same(stock["out"], res["out"])
+    # --kt-weight-path naming the manifest itself
+    res2 = child(method, man, info, tp, KTNUMA_MANIFEST=man)
+    assert res2["exitcode"] == 0, res2["error"] or res2["stderr"][-1500:]
+    _same(stock["out"], res2["out"])
+    log.info("%s tp%d: load stock %.3f s, handoff %s s, resident %.3f s", method, tp, stock["load_s"],
+             ho.get("load_s"), res["load_s"])
