@@ -155,6 +155,7 @@ def summary(result, topology, manifest_path: str, index) -> dict:
     return {"run_id": result.run_id, "manifest": manifest_path, "model": os.path.abspath(index.root),
             "format": index.format, "split": result.plan.split, "layers": list(result.plan.layers),
             "segments": len(result.segments), "bytes": result.bytes,
+            "read_bytes": result.read_bytes, "read_ratio": round(result.read_ratio, 4),
             "seconds": round(result.seconds, 4),
             "gbps": round(result.bytes / result.seconds / 1e9, 3) if result.seconds else 0.0,
             "simulated": bool(topology.simulated), "retries": result.retries_used, "nodes": nodes}
@@ -162,7 +163,8 @@ def summary(result, topology, manifest_path: str, index) -> dict:
 
 def summary_table(s: dict) -> str:
     lines = [f"staged {cli.human(s['bytes'])} in {s['segments']} segments, {len(s['layers'])} layers, "
-             f"{s['seconds']:.2f} s ({s['gbps']:.2f} GB/s){' [simulated topology]' if s['simulated'] else ''}",
+             f"{s['seconds']:.2f} s ({s['gbps']:.2f} GB/s), read {s['read_ratio']:.3f} x the staged bytes"
+             f"{' [simulated topology]' if s['simulated'] else ''}",
              f"{'node':>4} {'real':>4} {'bytes':>12} {'seconds':>8} {'GB/s':>7} {'on node':>8}"]
     for n in s["nodes"]:
         lines.append(f"{n['node']:>4} {n['real_node']:>4} {cli.human(n['bytes']):>12} "

@@ -212,6 +212,49 @@ def test_worker_killed_retries_exhausted_exit_4_nothing_left(synth_model, run_re
         run.kill()
 
 
+@pytest.mark.parametrize("retries", [1, 0])
+def test_stopped_worker_is_noticed_killed_and_retried_or_exit_4(retries, synth_model, run_registry, tmp_path):
+    """A SIGSTOPped worker makes no progress: after the deadline it is killed and its job redone on a
+    new worker, or, out of retries, exit 4 naming the node and layer. A slow job that keeps reporting
+    (the delay hook ticks) is never killed."""
+    from test_staging import verify_in_subprocess
+
+    info = synth_model("bf16", layers=3, mtp=False)
+    man = tmp_path / "m.json"
+    run = Launch("--topology", TWO, "--detach", "--json", "--retries", str(retries), "--manifest", str(man),
+                 info.path, env={"KTNUMA_WORKER_DELAY": "3", "KTNUMA_STALL_TIMEOUT": "1.5"})
+    try:
+        run_id = run_id_of(run_registry)
+        first = shm.segment_name(run_id, info.moe_layers[0], 1)
+        assert wait_for(lambda: os.path.exists(f"/dev/shm/{first}"), 30)
+        ws = workers(run.p.pid)
+        os.kill(ws[1], signal.SIGSTOP)
+        t_stop = time.monotonic()
+        if retries:
+            assert run.wait(90) == 0, run.stderr
+            lines = [ln for _, ln in run.err if "no progress for" in ln and "retry 1/1" in ln]
+            assert len(lines) == 1 and "node 1 layer" in lines[0], run.stderr
+            out = run.p.stdout.read().strip().splitlines()
+            assert json.loads(out[0])["retries"] == 1 and out[-1] == f"ready {man}"
+            verify_in_subprocess(str(man))
+        else:
+            assert run.wait(60) == 4, run.stderr
+            assert time.monotonic() - t_stop < 30
+            lines = run.stderr.splitlines()
+            assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+            assert "node 1" in lines[0] and "layer" in lines[0] and "no progress for" in lines[0]
+            assert shm.run_segments(run_id) == [] and not man.exists()
+        assert wait_for(lambda: not running(ws[1]), 5), "the stopped worker was left behind"
+    finally:
+        try:
+            os.kill(ws[1], signal.SIGCONT)
+        except (OSError, NameError, KeyError):
+            pass
+        run.kill()
+        if man.exists():
+            run_module("release", str(man))
+
+
 # ------------------------------------------------------------------ coordinator death, signals
 
 def test_coordinator_sigkilled_workers_clean_up_and_cleanup_spares_live_and_detached(

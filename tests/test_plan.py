@@ -30,6 +30,7 @@ from ktnuma.plan.planner import (
     plan,
     validate,
 )
+from ktnuma.plan.ops import layer_ops
 from planexec import FILL, execute, reference_piece
 
 # ------------------------------------------------------------------------------------------
@@ -253,6 +254,10 @@ def check_plan_bytes(index: ModelIndex, nodes, split: str) -> Plan:
                         [np.frombuffer(b, np.uint8).reshape(g.rows, -1) for _, _, b in got]
                     ).tobytes()
                 assert stitched == whole
+    # read once at any node count: a layer's ops read exactly its pieces' bytes (replicated ones once)
+    for layer in p.layers:
+        read = sum(op.length for ops in layer_ops(p, layer).values() for op in ops)
+        assert read == sum(g.count * g.nbytes for g in index.groups if g.layer == layer), (layer, split, ids)
     check_drops(p, index)
     return p
 
@@ -653,3 +658,33 @@ def test_split_table_one_entry_adds_a_split(monkeypatch):
         assert bytes(segs[(g.layer, 0)][a.offset:a.offset + a.stride]) == reference_piece(index, g, 0, None)
     with pytest.raises(SplitError, match="expected one of tp, ep"):
         check_split(index, 2, "nope")
+
+
+@pytest.mark.parametrize("fault", ["twice", "dropped", "shifted"])
+def test_validate_catches_broken_read_ops(monkeypatch, fault):
+    """validate checks the read ops too: a read done twice, a write lost, a write taking wrong bytes."""
+    import ktnuma.plan.opcheck as opcheck
+    from ktnuma.plan.ops import ReadOp
+
+    real = opcheck.layer_ops
+
+    def broken(p, layer):
+        ops = {n: list(v) for n, v in real(p, layer).items()}
+        n0 = next(iter(ops))
+        op = ops[n0][0]
+        if fault == "twice":
+            ops[n0].append(op)
+        elif fault == "dropped":
+            ops[n0].pop(0)
+        else:
+            ops[n0][0] = ReadOp(op.file, op.offset + 1, op.length, op.writes)
+        return {n: tuple(v) for n, v in ops.items()}
+
+    with tempfile.TemporaryDirectory() as d:
+        index = build_index(d, "bf16", H=64, I=96, E=4)
+        p = plan(index, [0, 1], "tp")
+        validate(p, index)
+        monkeypatch.setattr(opcheck, "layer_ops", broken)
+        want = {"twice": "read twice", "dropped": "bytes written into node", "shifted": "is not the bytes"}[fault]
+        with pytest.raises(PlanInvalid, match=want):
+            validate(p, index)

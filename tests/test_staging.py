@@ -313,3 +313,21 @@ def test_page_cache_of_experts_dropped(synth_model, tmp_path):
             assert resident_fraction(f, ranges) < 0.05
     finally:
         shm.unlink_run(m["run_id"])
+
+
+@pytest.mark.parametrize("nodes,split", [(2, "tp"), (4, "tp"), (4, "ep")])
+def test_every_source_byte_read_once_at_any_node_count(nodes, split, synth_model, tmp_path):
+    """tp's strided down pieces are read once and scattered to every node's segment (cross-node
+    writes into segments another worker created and bound): read_bytes == staged bytes, placement
+    still 100% on the backing node, every piece byte-exact."""
+    from ktnuma.host import shm
+
+    info = synth_model("bf16", intermediate=_intermediate("bf16", nodes, split))
+    m, path, res = _stage_and_publish(info, nodes, split, tmp_path)
+    try:
+        assert res.read_bytes == res.bytes and res.read_ratio == 1.0, (res.read_bytes, res.bytes)
+        for n in res.nodes:
+            assert n.pct_on_node == 100.0, n
+        verify_in_subprocess(path)
+    finally:
+        shm.unlink_run(m["run_id"])

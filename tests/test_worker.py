@@ -6,19 +6,21 @@ import os
 import stat
 import subprocess
 import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
 
 from ktnuma.host import shm
-from ktnuma.plan.planner import ArrayPlan
+from ktnuma.plan.ops import is_cross, layer_ops
+from ktnuma.plan.planner import ArrayPlan, Plan, SegmentPlan
+from ktnuma.stage import protocol
 
 RNG = np.random.default_rng(7)
 
 
 class Worker:
     def __init__(self, files, shm_dir=None, node=0, cpus=(0,), env=None):
+        self.files = [str(f) for f in files]
         e = dict(os.environ)
         e.update(env or {})
         self.p = subprocess.Popen([sys.executable, "-m", "ktnuma.worker", "--node", str(node),
@@ -32,13 +34,20 @@ class Worker:
         self.p.stdin.flush()
 
     def recv(self):
-        line = self.p.stdout.readline()
-        return json.loads(line) if line else None
+        while True:  # progress messages come while a job moves; the answer follows
+            line = self.p.stdout.readline()
+            msg = json.loads(line) if line else None
+            if msg is None or msg["op"] != "progress":
+                return msg
 
-    def job(self, name, size, arrays, layer=0, node=0):
-        self.send({"op": "job", "name": name, "layer": layer, "node": node, "size": size,
-                   "attempt": 0, "arrays": [asdict(a) for a in arrays]})
-        return self.recv()
+    def job(self, name, size, arrays, layer=0, node=0, wait=True):
+        """Create segment `name` holding `arrays` and fill it with the plan's read ops for it."""
+        p = Plan("ep", tuple(self.files), (node,), (layer,), (SegmentPlan(layer, node, size, tuple(arrays)),), ())
+        ops = layer_ops(p, layer)
+        assert not is_cross(ops)
+        self.p.stdin.write(protocol.job(layer, node, 0, (name, size), {node: name}, ops.get(node)))
+        self.p.stdin.flush()
+        return self.recv() if wait else None
 
     def close(self):
         self.p.stdin.close()
@@ -94,7 +103,10 @@ def test_job_contiguous_strided_and_conversions(source):
     try:
         res = w.job(name, size, [a, b, c, d])
         assert res["op"] == "done", res
-        assert res["bytes"] == a.count * a.stride + b.count * b.stride + c.count * c.stride + d.count * d.stride
+        assert res["written"] == {"0": a.count * a.stride + b.count * b.stride + c.count * c.stride + d.count * d.stride}
+        # every source byte read once: the contiguous pieces, the strided spans, the converted pieces
+        spans = 4 * 65536 + 3 * (127 * 300 + 100) + 2 * (15 * 64 + 16) + 2 * 40
+        assert res["read"] == spans
         assert sum(res["placement"].values()) == -(-size // 4096)
         assert res["placement"].get("0") == -(-size // 4096)  # every page present on real node 0
         seg = read_segment(name, size)
@@ -147,8 +159,7 @@ def test_parent_pipe_closed_mid_job_removes_unfinished_segment(source):
     a = arr(0, 1, 4096, [0], 1, 4096, 4096)
     w = Worker([path], env={"KTNUMA_WORKER_DELAY": "30"})
     try:
-        w.send({"op": "job", "name": name, "layer": 0, "node": 0, "size": 4096, "attempt": 0,
-                "arrays": [asdict(a)]})
+        w.job(name, 4096, [a], wait=False)
         for _ in range(500):  # wait until the segment exists (the job is running)
             if os.path.exists(shm.segment_path(name)):
                 break

@@ -6,6 +6,7 @@ import math
 
 from ktnuma.errors import PlanInvalid
 from ktnuma.index.model import ModelIndex, PieceGroup
+from ktnuma.plan.opcheck import check_ops
 from ktnuma.plan.layout import quantum_bytes, ratio as ratio_of, staged_dtype
 from ktnuma.plan.records import ALIGN, PAGE, Plan
 from ktnuma.plan.splits import SPLITS
@@ -154,6 +155,8 @@ def validate(plan: Plan, index: ModelIndex) -> None:
                 if not any(s0 <= o and o + g.nbytes <= e0 for s0, e0 in by_file.get(f, ())):
                     bad(f"layer {layer}: piece of {g.tensors[0] if g.tensors else g.proj} at {f}:{o} not dropped")
                     break
+    if not problems:  # the read ops derive from the arrays: check them on a sound plan only
+        check_ops(plan, bad)
     if problems:
         raise PlanInvalid(problems)
 

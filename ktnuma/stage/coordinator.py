@@ -1,261 +1,43 @@
 """The coordinator: one pinned ``python -m ktnuma.worker`` subprocess per node, layer jobs over pipes.
 
-All nodes work at once; at most ``layers_in_flight`` layers are staged concurrently (a fast node
-runs ahead by at most that many layers). Once every node has finished layer L, the page cache of
-layer L's whole source ranges (``plan.drop_ranges(L)``) is dropped with ``posix_fadvise(DONTNEED)``,
-and once more (widened to 2 MiB folio boundaries) when the run closes after its workers exited.
-A worker that dies (EOF on its stdout) is restarted on the same node and the layer's segment is
-discarded and redone from scratch, up to ``retries`` times, then :class:`WorkerFailed` (exit 4)
-names the node and layer. On any failure or signal (an exception raised in the caller's thread,
-e.g. by a signal handler), every worker is stopped and every segment of the run is unlinked.
+All nodes work at once; at most ``layers_in_flight`` layers are staged concurrently (stage/schedule.py).
+Each source byte is read once (plan/ops.py): a layer with cross-node writes first has every node
+create its segment, then the readers fill them. Once every job of layer L is done, the segments are
+committed (the workers no longer remove them) and the page cache of layer L's source ranges
+(``plan.drop_ranges(L)``) is dropped, and once more (widened to 2 MiB folios) when the run closes
+after its workers exited. A worker that dies (EOF on its stdout), or that makes no progress for
+``stall_timeout`` seconds (then it is killed), is replaced on the same node and its job redone (a job
+that created a segment: from scratch), up to ``retries`` times, then :class:`WorkerFailed` (exit 4)
+names the node and layer (stage/supervisor.py). On any failure or signal (an exception raised in the
+caller's thread, e.g. by a signal handler), every worker is stopped and every segment of the run is
+unlinked.
 
 Two ways in: :func:`stage` (stage everything, keep the segments, return a :class:`StageResult`),
 and :class:`Run` (context manager; ``for done in run.layers(): ...; run.release_layer(L)``) for an
-engine process that consumes layers as they complete (``ktnuma.stream``).
-Imports nothing heavy.
+engine process that consumes layers as they complete (``ktnuma.stream``). Imports nothing heavy.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ktnuma.errors import BadInput, KtnumaError, WorkerFailed
 from ktnuma.host import shm
-from ktnuma.errors import BadInput, KtnumaError, NotEnoughMemory, SegmentExists, WorkerFailed
-from ktnuma.plan.planner import ArrayPlan, Plan, SegmentPlan
+from ktnuma.plan.records import Plan
+from ktnuma.stage.pagecache import FOLIO_ALIGN, PageCache
+from ktnuma.stage.procs import Workers, prespawn, worker_env  # noqa: F401 - the run's public helpers
+from ktnuma.stage.protocol import pack_ints, unpack_ints  # noqa: F401 - one wire format, both sides
+from ktnuma.stage.results import LayerDone, NodeSummary, ProgressEvent, SegmentResult, StageResult, summarize  # noqa: F401
+from ktnuma.stage.schedule import Job, Schedule
+from ktnuma.errors import SegmentExists  # noqa: F401 - raised by the run (supervisor)
+from ktnuma.stage.supervisor import STALL_ENV, Supervisor  # noqa: F401
+from ktnuma.stage.supervisor import stall_timeout as stall_timeout_of
 
 log = logging.getLogger(__name__)
-
-
-FOLIO_ALIGN = 2 << 20  # the largest page-cache folio the final drop pass expects (PMD size)
-_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the dir holding ktnuma/
-
-
-def worker_env() -> dict[str, str]:
-    """The workers' environment: started with ``python -S`` (no site hooks, .pth files or
-    editable-install finders to run: a faster start), so PYTHONPATH carries this package's parent
-    and this interpreter's own import path (the standard library, site-packages for numpy)."""
-    env = dict(os.environ)
-    path = [_PKG_PARENT] + [p for p in sys.path if p and os.path.isdir(p)]
-    if env.get("PYTHONPATH"):
-        path.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
-    return env
-
-
-@dataclass(frozen=True)
-class SegmentResult:
-    name: str
-    layer: int
-    node: int
-    size: int
-    bytes: int  # payload bytes written
-    seconds: float
-    placement: dict[str, int] | None
-    attempts: int = 1
-
-
-@dataclass(frozen=True)
-class LayerDone:
-    """A completed layer: its segments (node order of the plan)."""
-
-    layer: int
-    segments: tuple[SegmentResult, ...]
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    kind: str  # "segment" | "layer" | "retry"
-    layer: int
-    node: int | None
-    layers_done: int
-    layers_total: int
-    bytes_done: int
-    bytes_total: int
-    node_bytes: dict[int, int]  # payload bytes done per node
-    node_seconds: dict[int, float]  # busy seconds per node
-    elapsed: float
-    message: str = ""
-
-
-@dataclass(frozen=True)
-class NodeSummary:
-    node: int
-    real_node: int
-    bytes: int
-    seconds: float
-    pages: int
-    pages_on_node: int
-
-    @property
-    def gbps(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-    @property
-    def pct_on_node(self) -> float:
-        return 100.0 * self.pages_on_node / self.pages if self.pages else 0.0
-
-
-@dataclass(frozen=True)
-class StageResult:
-    run_id: str
-    plan: Plan
-    segments: tuple[SegmentResult, ...]
-    seconds: float
-    retries_used: int = 0
-    nodes: tuple[NodeSummary, ...] = field(default=())
-
-    @property
-    def bytes(self) -> int:
-        return sum(s.bytes for s in self.segments)
-
-    def by_name(self) -> dict[str, SegmentResult]:
-        return {s.name: s for s in self.segments}
-
-
-def _real_node(topology, node_id: int) -> int:
-    for n in topology.nodes:
-        if n.id == node_id:
-            return n.real_node
-    raise KeyError(node_id)
-
-
-def summarize(topology, segments: tuple[SegmentResult, ...]) -> tuple[NodeSummary, ...]:
-    """Per-node bytes, busy seconds and pages on the backing real node."""
-    out = []
-    for n in topology.nodes:
-        segs = [s for s in segments if s.node == n.id]
-        pages = on = 0
-        for s in segs:
-            if s.placement:
-                pages += sum(s.placement.values())
-                on += s.placement.get(str(n.real_node), 0)
-        out.append(NodeSummary(n.id, n.real_node, sum(s.bytes for s in segs),
-                               sum(s.seconds for s in segs), pages, on))
-    return tuple(out)
-
-
-_ARRAY_FIELDS = tuple(f.name for f in fields(ArrayPlan))
-
-
-def pack_ints(seq: tuple[int, ...]) -> list[int] | dict[str, int]:
-    """A per-piece int tuple for the wire: ``{"a": first, "d": step, "n": count}`` when it is an
-    arithmetic progression (checked at C level against a range), else the list as it is."""
-    n = len(seq)
-    if n >= 2:
-        d = seq[1] - seq[0]
-        if d == 0:
-            if seq.count(seq[0]) == n:
-                return {"a": seq[0], "d": 0, "n": n}
-        elif seq == tuple(range(seq[0], seq[0] + d * n, d)):
-            return {"a": seq[0], "d": d, "n": n}
-    return list(seq)
-
-
-def job_message(seg: SegmentPlan, name: str, attempt: int) -> bytes:
-    """One JSON line; ArrayPlans shallowly as dicts (no deep copy), their per-piece ``files`` and
-    ``src_offsets`` packed with :func:`pack_ints` (the worker's ``unpack_ints`` reverses it)."""
-    arrays = []
-    for a in seg.arrays:
-        d = {f: getattr(a, f) for f in _ARRAY_FIELDS}
-        d["files"] = pack_ints(a.files)
-        d["src_offsets"] = pack_ints(a.src_offsets)
-        arrays.append(d)
-    msg = {"op": "job", "name": name, "layer": seg.layer, "node": seg.node, "size": seg.size,
-           "attempt": attempt, "arrays": arrays}
-    return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
-
-
-class _Proc:
-    """One worker subprocess and the thread that forwards its stdout lines to the event queue."""
-
-    def __init__(self, node, gen: int, events: queue.Queue, files: list[str] | None, shm_dir: str | None,
-                 io: str = "buffered", env: dict[str, str] | None = None):
-        self.node = node
-        self.gen = gen
-        cmd = [sys.executable, "-S", "-m", "ktnuma.worker", "--node", str(node.id),
-               "--real-node", str(node.real_node), "--cpus", ",".join(map(str, node.cpus))]
-        env = env or worker_env()
-        # own process group: a terminal's Ctrl-C reaches the coordinator only (workers follow the pipe)
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, process_group=0,
-                                     close_fds=True, env=env)
-        self.job: tuple[SegmentPlan, str, int] | None = None  # (segment, name, attempt)
-        self.events = events
-        self.thread = threading.Thread(target=self._read, name=f"worker-n{node.id}", daemon=True)
-        self.thread.start()
-        if files is not None:
-            self.init(files, shm_dir, io)
-
-    def init(self, files: list[str], shm_dir: str | None, io: str = "buffered") -> None:
-        self.send({"op": "init", "files": files, "shm_dir": shm_dir, "io": io})
-
-    def _read(self) -> None:
-        try:
-            for line in self.proc.stdout:
-                try:
-                    self.events.put((self.node.id, self.gen, json.loads(line)))
-                except ValueError:
-                    log.warning("worker n%d: unreadable line %r", self.node.id, line[:200])
-        except (OSError, ValueError):
-            pass
-        self.events.put((self.node.id, self.gen, None))
-
-    def send(self, msg: dict | bytes) -> bool:
-        data = msg if isinstance(msg, bytes) else json.dumps(msg).encode() + b"\n"
-        try:
-            self.proc.stdin.write(data)
-            self.proc.stdin.flush()
-            return True
-        except (BrokenPipeError, OSError, ValueError):
-            return False
-
-    def close_stdin(self) -> None:
-        try:
-            self.proc.stdin.close()
-        except (BrokenPipeError, OSError, ValueError):
-            pass
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.close_stdin()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout:
-            try:
-                self.proc.stdout.close()
-            except OSError:
-                pass
-
-
-@dataclass
-class Workers:
-    """Workers started before the plan exists: their interpreters start while the caller indexes and
-    plans. A Run adopts them (`Run(..., workers=...)`); unadopted ones exit when stopped or when this
-    process's end closes their stdin."""
-
-    events: queue.Queue
-    procs: dict[int, _Proc]
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            p.stop(2.0)
-        self.procs.clear()
-
-
-def prespawn(topology) -> Workers:
-    events: queue.Queue = queue.Queue()
-    env = worker_env()
-    return Workers(events, {n.id: _Proc(n, 1, events, None, None, env=env) for n in topology.nodes})
 
 
 class Run:
@@ -266,48 +48,36 @@ class Run:
                  layers_in_flight: int = 2, retries: int = 2,
                  progress: Callable[[ProgressEvent], None] | None = None,
                  stream: bool = False, drop_cache: bool = True, io: str = "buffered",
-                 workers: Workers | None = None) -> None:
+                 workers: Workers | None = None, stall_timeout: float | None = None) -> None:
         if layers_in_flight < 1:
             raise BadInput(f"layers_in_flight must be >= 1, got {layers_in_flight}")
         if retries < 0:
             raise BadInput(f"retries={retries}: must be >= 0")
+        if io not in ("buffered", "direct"):
+            raise BadInput(f"io must be buffered or direct, not {io!r}")
         self.plan = plan
         self.topology = topology
         self.run_id = run_id
         self.shm_dir = shm.resolve_dir(shm_dir)
-        self.layers_in_flight = layers_in_flight
-        self.retries = retries
-        self.progress = progress
-        self.stream = stream
-        self.drop_cache = drop_cache
-        if io not in ("buffered", "direct"):
-            raise BadInput(f"io must be buffered or direct, not {io!r}")
         self.io = io
-        self._env = worker_env()
-        self.layers_order = list(plan.layers)
-        self.layer_pos = {lyr: i for i, lyr in enumerate(self.layers_order)}
-        self.pending: dict[int, list[SegmentPlan]] = {n.id: [] for n in topology.nodes}
-        for s in plan.segments:
-            self.pending[s.node].append(s)
-        self.remaining = {lyr: len(plan.layer_segments(lyr)) for lyr in self.layers_order}
-        self.done: dict[int, list[SegmentResult]] = {lyr: [] for lyr in self.layers_order}
-        self.completed: list[int] = []  # layers complete, in completion order (== plan order here)
-        self.released: set[int] = set()
-        self.attempts: dict[tuple[int, int], int] = {}
-        self.created: set[str] = set()  # every segment name a job was sent for
-        self.foreign: set[str] = set()  # names that existed before we tried to create them
-        self.procs: dict[int, _Proc] = {}
-        self._pre = workers
-        self.gen = 1 if workers is not None else 0
+        self.progress = progress
+        self.drop_cache = drop_cache
         self.events: queue.Queue = workers.events if workers is not None else queue.Queue()
-        self.t0 = 0.0
-        self.kept = False
-        self.closed = False
-        self.retries_used = 0
+        self.sched = Schedule(plan, layers_in_flight, stream)
+        self.sup = Supervisor(self, self.sched, retries, stall_timeout_of(stall_timeout), self._job_done, self._emit)
+        self._pre = workers
+        self.done: dict[int, list[SegmentResult]] = {lyr: [] for lyr in plan.layers}
+        self.completed: list[int] = []  # layers complete, in completion order
+        self.written: dict[tuple[int, int], int] = {}
+        self.made: dict[tuple[int, int], tuple[dict | None, float]] = {}  # (placement, seconds) per segment
+        self.read_bytes = 0
         self.bytes_total = sum(s.payload for s in plan.segments)
         self.node_bytes = {n.id: 0 for n in topology.nodes}
         self.node_seconds = {n.id: 0.0 for n in topology.nodes}
-        self._drop_fds: dict[int, int] = {}
+        self.cache = PageCache(plan.files)
+        self.t0 = 0.0
+        self.kept = False
+        self.closed = False
         self._yielded = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -324,229 +94,108 @@ class Run:
 
     def start(self) -> None:
         self.t0 = time.perf_counter()
-        for n in self.topology.nodes:
-            pre = self._pre.procs.pop(n.id, None) if self._pre is not None else None
-            if not self.pending[n.id]:
-                if pre is not None:
-                    pre.stop(2.0)  # a node with nothing to stage (ep, more nodes than experts)
-            elif pre is not None:
-                pre.init(list(self.plan.files), self.shm_dir, self.io)
-                self.procs[n.id] = pre
-            else:
-                self._spawn(n)
-        if self._pre is not None:
-            self._pre.stop()  # workers for nodes this topology does not have
-        self._dispatch()
+        self.sup.adopt(self._pre)
+        self.sup.dispatch()
 
     def keep(self) -> None:
         """Leave the segments in place when the run closes (they now belong to the caller)."""
         self.kept = True
 
-    def segment_names(self) -> list[str]:
-        return [self.name(s) for s in self.plan.segments]
+    def name(self, layer: int, node: int) -> str:
+        return shm.segment_name(self.run_id, layer, node)
 
-    def name(self, seg: SegmentPlan) -> str:
-        return shm.segment_name(self.run_id, seg.layer, seg.node)
+    def segment_names(self) -> list[str]:
+        return [self.name(s.layer, s.node) for s in self.plan.segments]
+
+    @property
+    def retries_used(self) -> int:
+        return self.sup.retries_used
 
     def close(self, remove: bool = True) -> None:
         if self.closed:
             return
         self.closed = True
         try:
-            for p in list(self.procs.values()):
-                p.close_stdin()
-            for p in list(self.procs.values()):
-                p.stop()
-        finally:  # even if a signal interrupts the stops: no worker outlives the run, no segment stays
-            for p in list(self.procs.values()):
-                if p.proc.poll() is None:
-                    p.proc.kill()
-                    p.proc.wait()
-            self.procs.clear()
+            self.sup.stop_all()
+        finally:  # even if a signal interrupts the stops: no segment stays
             if remove:
                 self.remove_segments()
-        if self.drop_cache and self.completed:
+        if self.drop_cache:
             # a final pass once every worker has exited, widened to FOLIO_ALIGN: the page cache
             # keeps large folios, and DONTNEED only evicts folios wholly inside the range, so
             # the folios straddling a layer's range ends (up to 2 MiB each) survived its drop;
             # pages still under readahead at that moment go too
             for layer in self.completed:
-                self._drop(layer, widen=FOLIO_ALIGN)
-        for fd in self._drop_fds.values():
-            os.close(fd)
-        self._drop_fds.clear()
+                self.cache.drop(self.plan.drop_ranges(layer), widen=FOLIO_ALIGN)
+        self.cache.close()
 
     def remove_segments(self) -> None:
         from ktnuma.stage.session import remove_run
 
-        remove_run(self.run_id, self.shm_dir, names=self.created | set(self.segment_names()),
-                   protected=self.foreign, entry=False)  # the registry entry is the session's
+        remove_run(self.run_id, self.shm_dir, names=self.sup.created | set(self.segment_names()),
+                   protected=self.sup.foreign, entry=False)  # the registry entry is the session's
 
-    # ------------------------------------------------------------------ workers
-    def _spawn(self, node) -> _Proc:
-        self.gen += 1
-        p = _Proc(node, self.gen, self.events, list(self.plan.files), self.shm_dir, self.io, self._env)
-        self.procs[node.id] = p
-        return p
-
-    def _window_ok(self, layer: int) -> bool:
-        if self.stream:
-            base = next((i for i, lyr in enumerate(self.layers_order) if lyr not in self.released),
-                        len(self.layers_order))
+    # ------------------------------------------------------------------ events
+    def _job_done(self, job: Job, msg: dict) -> None:
+        seconds = float(msg["seconds"])
+        if job.create is not None:
+            self.made[(job.layer, job.node)] = (msg.get("placement"), seconds)
         else:
-            base = next((i for i, lyr in enumerate(self.layers_order) if self.remaining[lyr]),
-                        len(self.layers_order))
-        return self.layer_pos[layer] < base + self.layers_in_flight
-
-    def _dispatch(self) -> None:
-        for nid, p in list(self.procs.items()):
-            if p.job is not None:
-                continue
-            todo = self.pending[nid]
-            if not todo:
-                p.close_stdin()  # nothing left for this node: let it exit
-                continue
-            seg = todo[0]
-            if not self._window_ok(seg.layer):
-                continue
-            todo.pop(0)
-            self._send_job(p, seg)
-
-    def _send_job(self, p: _Proc, seg: SegmentPlan) -> None:
-        name = self.name(seg)
-        attempt = self.attempts.get((seg.layer, seg.node), 0)
-        p.job = (seg, name, attempt)
-        self.created.add(name)
-        p.send(job_message(seg, name, attempt))  # a broken pipe shows up as EOF on its stdout
-
-    def _retry(self, p: _Proc, why: str) -> None:
-        """The current job of ``p`` failed (death or error): discard it and redo it, or give up."""
-        seg, name, attempt = p.job
-        shm.unlink(name, self.shm_dir)
-        key = (seg.layer, seg.node)
-        self.attempts[key] = attempt + 1
-        if attempt + 1 > self.retries:
-            raise WorkerFailed(f"worker for node {seg.node} failed staging layer {seg.layer} "
-                               f"({why}); gave up after {self.retries} retries")
-        self.retries_used += 1
-        log.warning("worker for node %d failed staging layer %d (%s); retry %d of %d",
-                    seg.node, seg.layer, why, attempt + 1, self.retries)
-        self._emit("retry", seg.layer, seg.node, f"{why}; retry {attempt + 1}/{self.retries}")
-        p.job = None
-        self.pending[seg.node].insert(0, seg)
-
-    # ------------------------------------------------------------------ event loop
-    def _handle(self, nid: int, gen: int, msg: dict | None) -> None:
-        p = self.procs.get(nid)
-        if p is None or p.gen != gen:
-            return  # a stale event of a replaced worker
-        if msg is None:  # the worker is gone
-            try:
-                rc = p.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                p.proc.kill()
-                rc = p.proc.wait()
-            if p.job is None and not self.pending[nid]:
-                del self.procs[nid]  # finished its work and exited
-                return
-            why = f"worker exited with code {rc}" if rc >= 0 else f"worker killed by signal {-rc}"
-            if p.job is not None:
-                self._retry(p, why)
-            p.stop(0.1)
-            self._spawn(p.node)
-            return
-        op = msg.get("op")
-        if op == "ready":
-            return
-        if op == "error":
-            kind, text = msg.get("kind"), msg.get("message", "")
-            if kind == "exists" and p.job is not None:
-                name = p.job[1]
-                self.created.discard(name)
-                self.foreign.add(name)
-                p.job = None
-                raise SegmentExists(f"segment {name} already exists (not created by this run); refusing to "
-                                    "attach to, resize or remove it", self.foreign)
-            if kind == "nospace":
-                where = shm.norm_dir(self.shm_dir)
-                raise NotEnoughMemory(f"{text}: the shared-memory filesystem {where} is full; enlarge it "
-                                      f"(mount -o remount,size=NG {where}) or use shm_dir=DIR on a larger tmpfs")
-            if kind == "input":
-                raise BadInput(text)
-            if p.job is None:
-                raise WorkerFailed(f"worker for node {nid} failed: {text}")
-            self._retry(p, text)
-            return
-        if op == "done":
-            seg, name, attempt = p.job
-            if msg.get("name") != name:
-                raise WorkerFailed(f"worker for node {nid} answered for {msg.get('name')}, "
-                                   f"expected {name}")
-            p.job = None
-            res = SegmentResult(name, seg.layer, seg.node, seg.size, int(msg["bytes"]),
-                                float(msg["seconds"]), msg.get("placement"), attempt + 1)
-            self.done[seg.layer].append(res)
-            self.remaining[seg.layer] -= 1
-            self.node_bytes[seg.node] += res.bytes
-            self.node_seconds[seg.node] += res.seconds
-            self._emit("segment", seg.layer, seg.node)
-            if self.remaining[seg.layer] == 0:
-                self._layer_complete(seg.layer)
-            return
-        log.warning("worker n%d: unknown message %r", nid, op)
+            placement, before = self.made.get((job.layer, job.node), (None, 0.0))
+            self.made[(job.layer, job.node)] = (placement, before + seconds)
+        for k, v in (msg.get("written") or {}).items():
+            key = (job.layer, int(k))
+            self.written[key] = self.written.get(key, 0) + int(v)
+            self.node_bytes[job.node] += int(v)
+        self.read_bytes += int(msg.get("read", 0))
+        self.node_seconds[job.node] += seconds
+        self._emit("segment", job.layer, job.node)
+        if self.sched.done(job):
+            self._layer_complete(job.layer)
 
     def _layer_complete(self, layer: int) -> None:
+        segs = self.plan.layer_segments(layer)
+        for s in segs:
+            got = self.written.get((layer, s.node), 0)
+            if got != s.payload:
+                raise WorkerFailed(f"layer {layer} node {s.node}: {got} bytes written into segment "
+                                   f"{self.name(layer, s.node)}, the plan stages {s.payload}")
+            placement, seconds = self.made.get((layer, s.node), (None, 0.0))
+            self.done[layer].append(SegmentResult(self.name(layer, s.node), layer, s.node, s.size, got, seconds,
+                                                  placement, self.sup.attempts.get((layer, s.node), 0) + 1))
+        self.sup.commit(layer, [s.node for s in segs])
         if self.drop_cache:
-            self._drop(layer)
-        order = {nid: i for i, nid in enumerate(self.plan.nodes)}
-        self.done[layer].sort(key=lambda r: order.get(r.node, 0))
+            self.cache.drop(self.plan.drop_ranges(layer))
         self.completed.append(layer)
         self._emit("layer", layer, None)
-
-    def _drop(self, layer: int, widen: int = 0) -> None:
-        for r in self.plan.drop_ranges(layer):
-            start, length = r.start, r.length
-            if widen:
-                start = r.start - r.start % widen
-                length = -(-(r.start + r.length) // widen) * widen - start
-            fd = self._drop_fds.get(r.file)
-            if fd is None:
-                try:
-                    fd = self._drop_fds[r.file] = os.open(self.plan.files[r.file],
-                                                          os.O_RDONLY | os.O_CLOEXEC)
-                except OSError as exc:
-                    log.warning("cannot open %s to drop its page cache: %s", self.plan.files[r.file], exc)
-                    continue
-            try:
-                os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
-            except OSError as exc:  # pragma: no cover - advisory
-                log.debug("posix_fadvise(%s): %s", self.plan.files[r.file], exc)
 
     def _emit(self, kind: str, layer: int, node: int | None, message: str = "") -> None:
         if self.progress is None:
             return
-        ev = ProgressEvent(kind, layer, node, len(self.completed), len(self.layers_order),
+        ev = ProgressEvent(kind, layer, node, len(self.completed), len(self.plan.layers),
                            sum(self.node_bytes.values()), self.bytes_total, dict(self.node_bytes),
                            dict(self.node_seconds), time.perf_counter() - self.t0, message)
         self.progress(ev)
 
     def step(self, timeout: float = 0.2) -> None:
-        """Handle the events that arrived (waiting up to ``timeout``), then dispatch more jobs."""
+        """Handle the events that arrived (waiting up to ``timeout``), check the deadlines, then
+        dispatch more jobs."""
         try:
             item = self.events.get(timeout=timeout)
         except queue.Empty:
             item = None
         while item is not None:
-            self._handle(*item)
+            self.sup.handle(*item)
             try:
                 item = self.events.get_nowait()
             except queue.Empty:
                 item = None
-        self._dispatch()
+        self.sup.check_deadlines()
+        self.sup.dispatch()
 
     @property
     def finished(self) -> bool:
-        return len(self.completed) == len(self.layers_order)
+        return len(self.completed) == len(self.plan.layers)
 
     # ------------------------------------------------------------------ consumers
     def layers(self) -> Iterator[LayerDone]:
@@ -557,9 +206,10 @@ class Run:
         """
         if self.closed:
             raise KtnumaError("run is closed")
-        while self._yielded < len(self.layers_order):
-            layer = self.layers_order[self._yielded]
-            while self.remaining[layer]:
+        order = self.plan.layers
+        while self._yielded < len(order):
+            layer = order[self._yielded]
+            while not self.sched.complete(layer):
                 self.step()
             self._yielded += 1
             yield LayerDone(layer, tuple(self.done[layer]))
@@ -567,10 +217,10 @@ class Run:
     def release_layer(self, layer: int) -> None:
         """Unlink a completed layer's segments now (streaming hand-off)."""
         for s in self.plan.layer_segments(layer):
-            shm.unlink(self.name(s), self.shm_dir)
-        self.released.add(layer)
+            shm.unlink(self.name(s.layer, s.node), self.shm_dir)
+        self.sched.released.add(layer)
         if not self.closed:
-            self._dispatch()
+            self.sup.dispatch()
 
     def wait(self) -> StageResult:
         """Run to completion; returns the result (segments stay until close/keep decides)."""
@@ -579,9 +229,9 @@ class Run:
         return self.result()
 
     def result(self) -> StageResult:
-        segs = tuple(r for lyr in self.layers_order for r in self.done[lyr])
-        return StageResult(self.run_id, self.plan, segs, time.perf_counter() - self.t0,
-                           self.retries_used, summarize(self.topology, segs))
+        segs = tuple(r for lyr in self.plan.layers for r in self.done[lyr])
+        return StageResult(self.run_id, self.plan, segs, time.perf_counter() - self.t0, self.retries_used,
+                           summarize(self.topology, segs, self.node_seconds), self.read_bytes)
 
 
 def stage(index, topology, split: str, *, run_id: str, shm_dir: str | None = None,

@@ -1,30 +1,19 @@
-"""One staging worker per node: ``python -m ktnuma.stage.worker --node N --real-node R --cpus 0,1``.
+"""One staging worker per node: ``python -m ktnuma.worker --node N --real-node R --cpus 0,1``.
 
-Started by the coordinator with pipes: stdin carries JSON-line jobs, stdout JSON-line results.
-Imports only the standard library, ktnuma.numa / shm / formats.dtypes (numpy lazily, for strided
-gathers and conversions); never torch, gguf or safetensors.
+Started by the coordinator with pipes; the messages are ktnuma.stage.protocol's. Imports only the
+standard library and ktnuma's host modules (numpy lazily, for strided packing and conversions); never
+torch, gguf or safetensors. It executes what it is sent and plans nothing.
 
-Protocol (one JSON object per line):
-  in : {"op": "init", "files": [path, ...], "shm_dir": str|null}
-       {"op": "job", "name": seg, "layer": L, "node": n, "size": bytes, "attempt": k,
-        "arrays": [ArrayPlan fields as a dict, ...]}
-  out: {"op": "ready", "pid": pid, "cpus": [...]}
-       {"op": "done", "name", "layer", "node", "size", "bytes", "seconds", "placement"}
-       {"op": "error", "name", "layer", "node", "kind": "nospace"|"input"|"exists"|"os", "message"}
-
-Per job: create the segment O_CREX 0600, mmap it, mbind it to the backing real node,
-posix_fallocate it, then read: ``os.preadv`` straight into the mapping for contiguous runs
-(adjacent pieces coalesced, split in chunks for a small thread pool, looping on short reads), a
-per-thread reusable bounce buffer for strided gathers and conversions. Placement is read back with
-move_pages, the mapping is closed (no file mapping survives a job). If stdin reaches EOF (the
-coordinator died) the worker removes its unfinished segment and exits; finished segments belong
-to the coordinator.
+A job may create this node's segment (O_CREX 0600, mmap, mbind to the backing real node, then
+posix_fallocate: pages placed before the first byte lands) and may run read ops that write into any
+segment of the layer (all exist by then: the coordinator sequences it). Placement is read back with
+move_pages after the job's own writes. A segment this worker created stays its own to remove until
+the coordinator commits it: if stdin reaches EOF (the coordinator died) or a termination signal
+arrives, the worker removes its uncommitted segments and exits.
 """
 from __future__ import annotations
 
 import argparse
-import errno
-import json
 import logging
 import os
 import queue
@@ -32,363 +21,169 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-from ktnuma.host import numa
-from ktnuma.host import shm
+from ktnuma.host import numa, shm
+from ktnuma.stage import protocol
 from ktnuma.errors import ParentGone, SourceTruncated
+from ktnuma.stage.worker_io import Sources, direct_ok, populate  # noqa: F401 - direct_ok: launch checks files
+from ktnuma.stage.worker_ops import JobOps
 
 log = logging.getLogger("ktnuma.worker")
 
-CHUNK = 8 << 20  # bytes per contiguous preadv task
-BOUNCE_MAX = 64 << 20  # bytes of source span gathered per bounce-buffer fill
 FAULT_ENV = "KTNUMA_WORKER_FAULT"  # tests: "L:n:k" -> die mid-job on (layer L, node n) while attempt < k
-DELAY_ENV = "KTNUMA_WORKER_DELAY"  # tests: seconds to sleep (in small steps) inside every job
+DELAY_ENV = "KTNUMA_WORKER_DELAY"  # tests: seconds to sleep (in small steps) inside every job with reads
 
 
-def read_full(fd: int, dst: memoryview, offset: int, path: str) -> None:
-    """preadv until ``dst`` is full; EOF before that is a SourceTruncated."""
-    while len(dst):
-        n = os.preadv(fd, [dst], offset)
-        if n <= 0:
-            raise SourceTruncated(f"{path}: unexpected end of file at byte {offset} "
-                             f"({len(dst)} bytes still expected); was the file changed?")
-        dst = dst[n:]
-        offset += n
+@dataclass(frozen=True)
+class Hooks:
+    """Test hooks, parsed once at the entry point (never read deeper in the worker)."""
 
+    fault: tuple[int, int, int] | None = None  # (layer, node, k): die mid-job while attempt < k
+    delay: float = 0.0
 
-def write_full(fd: int, src: memoryview, offset: int) -> None:
-    while len(src):
-        n = os.pwritev(fd, [src], offset)
-        src = src[n:]
-        offset += n
-
-
-MADV_POPULATE_READ = 22  # Linux 5.14+: map the segment's pages without touching them one by one
-
-
-def populate(mm) -> None:
-    """Map the (already written) pages of ``mm`` so move_pages can see them; best effort."""
-    try:
-        mm.madvise(MADV_POPULATE_READ)
-    except OSError:  # older kernel: fault them in, one read per page
-        for i in range(0, len(mm), numa.PAGE_SIZE):
-            mm[i]
-
-
-ALIGN = 4096  # O_DIRECT: file offset, length and buffer address multiple of this
-
-
-def unpack_ints(v) -> list[int] | range:
-    """Per-piece ints from the wire: a list, or ``{"a": first, "d": step, "n": count}``
-    (coordinator.pack_ints)."""
-    if isinstance(v, dict):
-        a, d, n = v["a"], v["d"], v["n"]
-        return [a] * n if d == 0 else range(a, a + d * n, d)
-    return v
-
-
-def direct_ok(path: str) -> bool:
-    """Whether ``path`` can be read with O_DIRECT (tmpfs and some overlay filesystems refuse)."""
-    if not hasattr(os, "O_DIRECT"):
-        return False
-    import mmap
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        return False
-    buf = mmap.mmap(-1, ALIGN)
-    try:
-        os.preadv(fd, [buf], 0)
-        return True
-    except OSError:
-        return False
-    finally:
-        buf.close()
-        os.close(fd)
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Hooks:
+        fault = env.get(FAULT_ENV, "")
+        parts = tuple(int(x) for x in fault.split(":")) if fault else None
+        if parts is not None and len(parts) != 3:
+            raise ValueError(f"{FAULT_ENV}={fault!r}: expected L:n:k")
+        return cls(parts, float(env.get(DELAY_ENV) or 0))  # type: ignore[arg-type]
 
 
 class Worker:
-    def __init__(self, node: int, real_node: int, cpus: list[int], threads: int) -> None:
+    def __init__(self, node: int, real_node: int, cpus: list[int], threads: int, hooks: Hooks = Hooks()) -> None:
         self.node = node
         self.real_node = real_node
         self.cpus = cpus
-        self.files: list[str] = []
-        self.fds: dict[int, int] = {}
+        self.hooks = hooks
+        self.src: Sources | None = None
         self.shm_dir: str | None = None
-        self.direct: set[int] = set()  # file indexes read with O_DIRECT (--io direct)
-        self.dfds: dict[int, int] = {}
         self.gone = threading.Event()
         self.inbox: queue.Queue = queue.Queue()
-        self.local = threading.local()
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads)) if threads > 1 else None
-        self.unfinished: list[str] = []  # segments created by the current job
-        self.lock = threading.Lock()
-        self.job_id = 0  # the current job's number, its segment's name and fds
-        self.job_name = ""
-        self.job_fd = -1
-        self.job_fds: list[int] = []  # pool threads' own fds of the current segment
-        fault = os.environ.get(FAULT_ENV, "")
-        self.fault = tuple(int(x) for x in fault.split(":")) if fault else None
-        self.delay = float(os.environ.get(DELAY_ENV) or 0)
+        self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+        self.lock = threading.Lock()  # guards unfinished, stdout and the progress counters
+        self.unfinished: set[str] = set()  # segments created here and not committed yet
+        self.where = (None, node)  # (layer, node) of the current job, for progress messages
+        self.moved = 0
+        self.last_report = 0.0
 
-    # ------------------------------------------------------------------ io helpers
-    def fd(self, i: int) -> int:
-        fd = self.fds.get(i)
-        if fd is None:
-            with self.lock:  # pool threads race here: open each file once
-                fd = self.fds.get(i)
-                if fd is None:
-                    fd = self.fds[i] = os.open(self.files[i], os.O_RDONLY | os.O_CLOEXEC)
-        return fd
+    # ------------------------------------------------------------------ messages
+    def send(self, msg: dict) -> None:
+        with self.lock:
+            sys.stdout.buffer.write(protocol.encode(msg))
+            sys.stdout.buffer.flush()
 
-    def dfd(self, i: int) -> int:
-        fd = self.dfds.get(i)
-        if fd is None:
-            with self.lock:
-                fd = self.dfds.get(i)
-                if fd is None:
-                    fd = self.dfds[i] = os.open(self.files[i], os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-        return fd
-
-    def bounce(self, n: int) -> memoryview:
-        """This thread's reusable buffer (anonymous mmap: page-aligned, as O_DIRECT needs)."""
-        import mmap
-
-        buf = getattr(self.local, "buf", None)
-        if buf is None or len(buf) < n:
-            buf = self.local.buf = mmap.mmap(-1, max(-(-n // ALIGN) * ALIGN, 1 << 20))
-        return memoryview(buf)[:n]
-
-    def read_span(self, fi: int, off: int, n: int, extra: int = 0) -> tuple[memoryview, memoryview]:
-        """Bytes ``[off, off+n)`` of file ``fi`` in this thread's bounce buffer, and the buffer's
-        ``extra`` bytes after them (page-aligned) for packing/converting: (span, extra view).
-        O_DIRECT files are read as the aligned superset of the span."""
-        path = self.files[fi]
-        if fi not in self.direct:
-            room = -(-n // ALIGN) * ALIGN
-            buf = self.bounce(room + extra)
-            read_full(self.fd(fi), buf[:n], off, path)
-            return buf[:n], buf[room:room + extra]
-        a0 = off - off % ALIGN
-        a1 = -(-(off + n) // ALIGN) * ALIGN
-        buf = self.bounce(a1 - a0 + extra)
-        fd, pos, want = self.dfd(fi), a0, off + n  # read until the span's last byte is in
-        while pos < want:
-            got = os.preadv(fd, [buf[pos - a0:a1 - a0]], pos)
-            if got <= 0 or (pos + got < want and got % ALIGN):
-                raise SourceTruncated(f"{path}: unexpected end of file at byte {pos + max(got, 0)} "
-                                 f"({want - pos - max(got, 0)} bytes still expected); was the file changed?")
-            pos += got
-        return buf[off - a0:off - a0 + n], buf[a1 - a0:a1 - a0 + extra]
+    def tick(self, n: int) -> None:
+        """Count I/O progress; tell the coordinator at most every PROGRESS_EVERY seconds."""
+        now = time.monotonic()
+        with self.lock:
+            self.moved += n
+            if now - self.last_report < protocol.PROGRESS_EVERY:
+                return
+            self.last_report = now
+            moved = self.moved
+        try:
+            self.send({"op": "progress", "layer": self.where[0], "node": self.where[1], "read": moved})
+        except (BrokenPipeError, ValueError):
+            self.gone.set()
 
     def check(self) -> None:
         if self.gone.is_set():
             raise ParentGone()
 
-    # ------------------------------------------------------------------ operations
-    def seg_fd(self) -> int:
-        """This thread's own fd of the current job's segment (sendfile writes at the fd's position)."""
-        if threading.current_thread() is threading.main_thread():
-            return self.job_fd
-        job, fd = getattr(self.local, "seg", (None, -1))
-        if job != self.job_id:
-            fd = shm.open_segment(self.job_name, self.shm_dir, write=True)
-            with self.lock:
-                self.job_fds.append(fd)
-            self.local.seg = (self.job_id, fd)
-        return fd
-
-    def op_copy(self, view: memoryview, fi: int, off: int, dest: int, length: int) -> None:
-        """Kernel copy page cache -> segment (sendfile): no user copy, no zero-fill of the pages."""
-        self.check()
-        if fi in self.direct:  # O_DIRECT into the aligned bounce buffer, pwrite the span
-            data, _ = self.read_span(fi, off, length)
-            write_full(self.seg_fd(), data, dest)
-            return
-        src, out = self.fd(fi), self.seg_fd()
-        os.lseek(out, dest, os.SEEK_SET)
-        while length:
-            n = os.sendfile(out, src, off, length)
-            if n <= 0:
-                raise SourceTruncated(f"{self.files[fi]}: unexpected end of file at byte {off} "
-                                 f"({length} bytes still expected); was the file changed?")
-            off += n
-            length -= n
-
-    def op_gather(self, view: memoryview, fi: int, off: int, dest: int, rows: int, run: int,
-                  src_stride: int, conversion: str | None, ratio: int) -> None:
-        """Rows of ``run`` bytes ``src_stride`` apart (then converted) -> contiguous at dest.
-
-        The source span is read into a per-thread bounce buffer, packed (and converted) there and
-        written into the segment with pwrite (full pages: no zero-fill, no page faults)."""
-        import numpy as np
-        from numpy.lib.stride_tricks import as_strided
-
-        out = self.seg_fd()
-        per = max(1, BOUNCE_MAX // max(src_stride, 1)) if rows > 1 else 1
-        out_run = run * ratio
-        r = 0
-        while r < rows:
-            self.check()
-            n = min(per, rows - r)
-            span = (n - 1) * src_stride + run
-            contiguous = n == 1 or run == src_stride
-            pack_n = 0 if contiguous else n * run
-            src, extra = self.read_span(fi, off + r * src_stride, span,
-                                        pack_n + (n * out_run if conversion else 0))
-            if contiguous:
-                packed = src
-            else:
-                packed = extra[:pack_n]
-                a = as_strided(np.frombuffer(src, np.uint8), shape=(n, run), strides=(src_stride, 1))
-                np.copyto(np.frombuffer(packed, np.uint8).reshape(n, run), a)
-                del a
-            if conversion is not None:
-                from ktnuma.index.dtypes import convert
-
-                converted = extra[pack_n:pack_n + n * out_run]
-                convert(conversion, packed, converted)
-                packed = converted
-            write_full(out, packed, dest + r * out_run)
-            r += n
-
-    def plan_ops(self, arrays: list[dict]) -> list[tuple]:
-        """ArrayPlans -> coalesced contiguous copies (chunked) and gathers."""
-        from ktnuma.index.dtypes import CONVERSIONS
-
-        ops: list[tuple] = []
-        cur: list | None = None  # [fi, off, dest, length] being coalesced
-        for a in arrays:
-            rows, run, sstride, conv = a["rows"], a["run"], a["src_stride"], a.get("conversion")
-            contiguous = rows == 1 or run == sstride
-            files, offsets = unpack_ints(a["files"]), unpack_ints(a["src_offsets"])
-            for k in range(a["count"]):
-                fi, off, dest = files[k], offsets[k], a["offset"] + k * a["stride"]
-                if contiguous and conv is None:
-                    length = rows * run
-                    if cur and cur[0] == fi and cur[1] + cur[3] == off and cur[2] + cur[3] == dest:
-                        cur[3] += length
-                    else:
-                        if cur:
-                            ops.append(("copy", *cur))
-                        cur = [fi, off, dest, length]
-                else:
-                    ratio = CONVERSIONS[conv].ratio if conv else 1
-                    ops.append(("gather", fi, off, dest, rows, run, sstride, conv, ratio))
-        if cur:
-            ops.append(("copy", *cur))
-        out: list[tuple] = []
-        for op in ops:  # split big copies so the pool overlaps them
-            if op[0] == "copy" and op[4] > CHUNK:
-                _, fi, off, dest, length = op
-                for s in range(0, length, CHUNK):
-                    out.append(("copy", fi, off + s, dest + s, min(CHUNK, length - s)))
-            else:
-                out.append(op)
-        return out
-
-    def run_ops(self, view: memoryview, ops: list[tuple], fault_at: int | None) -> None:
-        def one(i_op):
-            i, op = i_op
-            if fault_at is not None and i >= fault_at:
-                log.warning("fault injection: dying mid-job")
-                sys.stderr.flush()
-                os._exit(9)
-            kind, *args = op
-            (self.op_copy if kind == "copy" else self.op_gather)(view, *args)
-
-        items = list(enumerate(ops))
-        if self.pool is None or len(ops) < 2:
-            for it in items:
-                one(it)
-        else:  # wait for every op, even after a failure: none may outlive the job's fds
-            futures = [self.pool.submit(one, it) for it in items]
-            first: BaseException | None = None
-            for f in futures:
-                try:
-                    f.result()
-                except BaseException as exc:  # noqa: BLE001 - the first one is re-raised below
-                    first = first or exc
-            if first is not None:
-                raise first
-
     # ------------------------------------------------------------------ one job
-    def job(self, msg: dict) -> dict:
-        name, size = msg["name"], msg["size"]
-        base = {"name": name, "layer": msg["layer"], "node": msg["node"]}
-        t0 = time.perf_counter()
-        fd = -1
-        mm = view = None
+    def _create(self, name: str, size: int) -> tuple[int, object, int]:
+        fd = shm.create(name, self.shm_dir)  # FileExistsError: someone else's; never touched
+        with self.lock:
+            self.unfinished.add(name)
         try:
-            fd = shm.create(name, self.shm_dir)
-            self.unfinished.append(name)
             os.ftruncate(fd, size)  # sparse: no page is touched before mbind
             mm = shm.map_fd(fd, size)
             addr = numa.address_of(mm)
             numa.mbind(addr, size, self.real_node)
             os.posix_fallocate(fd, 0, size)
-            view = memoryview(mm)
-            self.job_id += 1
-            self.job_name, self.job_fd = name, fd
-            ops = self.plan_ops(msg["arrays"])
-            fault_at = None
-            if self.fault and self.fault[:2] == (msg["layer"], msg["node"]) \
-                    and msg.get("attempt", 0) < self.fault[2]:
-                fault_at = len(ops) // 2
-            self.run_ops(view, ops, fault_at)
-            end = time.monotonic() + self.delay
-            while time.monotonic() < end:
-                self.check()
-                time.sleep(0.01)
-            populate(mm)
-            placement = numa.placement(addr, size)
-            view.release()
-            view = None
-            mm.close()
-            mm = None
-            seconds = time.perf_counter() - t0
-            nbytes = sum(a["count"] * a["stride"] for a in msg["arrays"])
+            return fd, mm, addr
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _fault(self, msg: dict, n_ops: int) -> Callable[[int], None]:
+        f = self.hooks.fault
+        hit = f is not None and f[:2] == (msg["layer"], msg["node"]) and msg.get("attempt", 0) < f[2]
+
+        def before(i: int) -> None:
+            if hit and i >= n_ops // 2:
+                log.warning("fault injection: dying mid-job")
+                sys.stderr.flush()
+                os._exit(9)
+        return before
+
+    def _delay(self) -> None:
+        end = time.monotonic() + self.hooks.delay
+        while time.monotonic() < end:
+            self.check()
+            self.tick(0)  # a slow job still reports that it is alive
+            time.sleep(0.01)
+
+    def job(self, msg: dict) -> dict:
+        create = msg.get("create")
+        name, size = (create["name"], create["size"]) if create else (None, 0)
+        base = {"name": name, "layer": msg["layer"], "node": msg["node"]}
+        self.where = (msg["layer"], msg["node"])
+        self.last_report = time.monotonic()
+        t0 = time.perf_counter()
+        fd, mm, ops, ok = -1, None, None, False
+        try:
+            if create:
+                fd, mm, addr = self._create(name, size)
+            steps = protocol.unpack_ops(msg.get("ops"))
+            if steps:
+                ops = JobOps(self.src, {int(k): v for k, v in msg["segments"].items()}, self.shm_dir, self.check)
+                ops.run(steps, self.pool, self._fault(msg, len(steps)))
+                self._delay()
+            placement = None
+            if mm is not None:
+                populate(mm, numa.PAGE_SIZE)
+                placement = numa.placement(addr, size)
             self.check()  # a parent gone by now gets no finished segment left behind
-            self.unfinished.remove(name)
-            return {"op": "done", **base, "size": size, "bytes": nbytes, "seconds": seconds,
-                    "placement": placement}
-        except FileExistsError as exc:
-            return {"op": "error", **base, "kind": "exists", "message": str(exc)}
-        except OSError as exc:
-            kind = "nospace" if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG) else "os"
-            return {"op": "error", **base, "kind": kind,
-                    "message": f"segment {name} ({size} bytes): {exc.strerror or exc}"}
-        except SourceTruncated as exc:
-            return {"op": "error", **base, "kind": "input", "message": str(exc)}
-        except numa.NumaError as exc:
-            return {"op": "error", **base, "kind": "os", "message": str(exc)}
+            ok = True
+            return {"op": "done", **base, "size": size, "placement": placement,
+                    "read": ops.read if ops else 0,
+                    "written": {str(k): v for k, v in (ops.written if ops else {}).items()},
+                    "seconds": time.perf_counter() - t0}
         except ParentGone:
             raise
+        except (OSError, SourceTruncated, numa.NumaError) as exc:
+            kind = protocol.error_kind(exc)
+            text = str(exc) if kind in ("exists", "input") or not isinstance(exc, OSError) else \
+                f"segment {name} ({size} bytes): {exc.strerror or exc}" if name else f"{exc.strerror or exc}"
+            return {"op": "error", **base, "kind": kind, "message": text}
         except Exception as exc:  # noqa: BLE001 - reported, the coordinator decides
-            log.exception("job %s failed", name)
+            log.exception("job L%s n%s failed", msg["layer"], msg["node"])
             return {"op": "error", **base, "kind": "os", "message": f"{type(exc).__name__}: {exc}"}
         finally:
-            if view is not None:
-                view.release()
+            if ops is not None:
+                ops.close()
             if mm is not None:
-                try:
-                    mm.close()
-                except BufferError:  # pragma: no cover - a leaked view; the unlink below still runs
-                    pass
-            with self.lock:
-                fds, self.job_fds = self.job_fds, []
-            for f in fds:
-                os.close(f)
-            self.job_fd = -1
+                mm.close()
             if fd >= 0:
                 os.close(fd)
-            self.drop_unfinished()
+            if name is not None and not ok:
+                self.drop(name)  # only if this job created it
+
+    def drop(self, name: str) -> None:
+        with self.lock:
+            if name not in self.unfinished:
+                return
+            self.unfinished.discard(name)
+        shm.unlink(name, self.shm_dir)
 
     def drop_unfinished(self) -> None:
-        while self.unfinished:
-            shm.unlink(self.unfinished.pop(), self.shm_dir)
+        for name in list(self.unfinished):
+            self.drop(name)
 
     # ------------------------------------------------------------------ loop
     def reader(self) -> None:
@@ -401,17 +196,18 @@ class Worker:
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
-                    if line.strip():
-                        self.inbox.put(json.loads(line))
+                    if not line.strip():
+                        continue
+                    msg = protocol.decode(line)
+                    if msg.get("op") == "commit":  # at once, even while a job runs
+                        with self.lock:
+                            self.unfinished.difference_update(msg.get("names", ()))
+                    else:
+                        self.inbox.put(msg)
         except (OSError, ValueError):
             pass
         self.gone.set()
         self.inbox.put(None)
-
-    def send(self, msg: dict) -> None:
-        out = sys.stdout.buffer
-        out.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
-        out.flush()
 
     def serve(self) -> int:
         threading.Thread(target=self.reader, name="stdin", daemon=True).start()
@@ -422,15 +218,14 @@ class Worker:
                 return 0
             op = msg.get("op")
             if op == "init":
-                self.files = list(msg["files"])
                 self.shm_dir = msg.get("shm_dir")
-                if msg.get("io") == "direct":  # files refusing O_DIRECT stay buffered (launch warned)
-                    self.direct = {i for i, f in enumerate(self.files) if direct_ok(f)}
+                # files refusing O_DIRECT stay buffered (launch warned)
+                self.src = Sources(list(msg["files"]), msg.get("io") == "direct", self.tick)
             elif op == "job":
                 try:
                     res = self.job(msg)
                 except ParentGone:
-                    log.debug("parent gone during %s: removed it", msg.get("name"))
+                    log.debug("parent gone during L%s: removed its segment", msg.get("layer"))
                     return 0
                 try:
                     self.send(res)
@@ -458,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGHUP, _on_term)
     cpus = [int(c) for c in args.cpus.split(",") if c]
-    w = Worker(args.node, args.real_node, cpus, args.threads or min(len(cpus), 8))
+    w = Worker(args.node, args.real_node, cpus, args.threads or min(len(cpus), 8), Hooks.from_env(os.environ))
     try:
         numa.pin_cpus(cpus)
         numa.bind_process_memory(args.real_node)

@@ -427,7 +427,9 @@ class Bench:
 def overhead(nodes: int = 8) -> dict:
     """Plan a DeepSeek-V3-sized model (58 x 256 experts, fp8 block, no data) for `nodes` nodes,
     spawn that many workers and wait for their ready handshake + send every job's bytes' size."""
-    from ktnuma.stage.coordinator import _Proc, job_message
+    from ktnuma.plan.ops import layer_ops
+    from ktnuma.stage import protocol
+    from ktnuma.stage.procs import WorkerProc
     from ktnuma.index.model import ModelConfig, ModelIndex, PieceGroup, SourceFile
     from ktnuma.plan.planner import plan
     from ktnuma.host.topology import select
@@ -457,7 +459,7 @@ def overhead(nodes: int = 8) -> dict:
     topo = select(nodes, None, simulate=True)
     t0 = time.perf_counter()
     events: queue.Queue = queue.Queue()
-    procs = [_Proc(n, 1, events, None, None) for n in topo.nodes]  # workers start while we plan
+    procs = [WorkerProc(n, 1, events, None, None) for n in topo.nodes]  # workers start while we plan
     t_spawned = time.perf_counter()
     p = plan(idx, topo, "tp")
     t1 = time.perf_counter()
@@ -468,7 +470,10 @@ def overhead(nodes: int = 8) -> dict:
         _, _, msg = events.get(timeout=30)
         ready += bool(msg and msg.get("op") == "ready")
     t2 = time.perf_counter()
-    msgs = sum(len(job_message(s, "ktnuma.x.L0.n0", 0)) for s in p.segments)
+    msgs = 0  # every layer's read ops planned and every job line encoded, as the coordinator does
+    for layer in p.layers:
+        for node, ops in layer_ops(p, layer).items():
+            msgs += len(protocol.job(layer, node, 0, None, {n: "ktnuma.x.L0.n0" for n in p.nodes}, ops))
     t3 = time.perf_counter()
     for pr in procs:
         pr.stop()
