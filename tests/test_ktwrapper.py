@@ -37,11 +37,14 @@ CASES = {
     "BF16": ("bf16", 64, 64, {}),
     "FP8": ("fp8", 128, 256, {}),
     "GPTQ_INT4": ("gptq-int4", 64, 64, {"group_size": 32}),
+    "RAWINT4": ("rawint4", 64, 64, {"group_size": 32}),  # default pick here: AMXInt4_KGroup_MOE (copies)
     "MXFP4": ("mxfp4", 64, 64, {}),
     "LLAMAFILE": ("gguf:Q8_0", 256, 512, {}),
 }
 # (method, threadpool_count) whose engine reads the staged memory in place (engine-facts): resident only
 IN_PLACE = {("LLAMAFILE", 1)}
+# where the stock wrapper itself dies on this 1-node machine (nothing to compare with)
+STOCK_CRASHES = {("RAWINT4", 2): "stock AMXInt4_KGroup_MOE over 2 subpools segfaults here (NUMA node 1 not found)"}
 
 
 @pytest.fixture(scope="session")
@@ -67,13 +70,13 @@ class Child:
         self.n += 1
         sp, out = self.tmp / f"spec{self.n}.json", self.tmp / f"out{self.n}.npz"
         sp.write_text(json.dumps(spec))
-        e = {k: v for k, v in os.environ.items() if not k.startswith("KTNUMA_") or k == "KTNUMA_RUN_ID_PREFIX"}
+        e = {k: v for k, v in os.environ.items() if k not in ("KTNUMA_MANIFEST", "KTNUMA_STAGE", "KTNUMA_PREFETCH")}
         e.update(PYTHONPATH=f"{self.hook}{os.pathsep}{REPO}", KT_FORCE_SYNC_SUBMIT="1", **env)
         r = subprocess.run([sys.executable, str(REPO / "tests/ktwrapper_child.py"), str(sp), str(out)],
                            capture_output=True, text=True, env=e, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         res = json.loads(r.stdout.strip().splitlines()[-1])
-        res["stderr"] = r.stderr
+        res["stderr"], res["stdout"] = r.stderr, r.stdout
         if res["exitcode"] == 0:
             z = np.load(out)
             res["out"] = {k: z[k] for k in z.files if k != "meta"}
@@ -128,6 +131,9 @@ def _same(a: dict, b: dict) -> None:
 def test_wrapper_output_is_bit_identical_resident_and_handoff(child, detached, synth_model, method, tp):
     info = _model(synth_model, method)
     stock = child(method, info.path, info, tp)
+    if (method, tp) in STOCK_CRASHES:
+        assert stock["exitcode"] == -11
+        pytest.skip(STOCK_CRASHES[(method, tp)])
     assert stock["exitcode"] == 0, stock["stderr"][-1500:]
     ho = child(method, info.path, info, tp, KTNUMA_STAGE="1")
     if (method, tp) in IN_PLACE:  # the engine keeps reading the source: a handoff would free it under it
@@ -147,3 +153,74 @@ def test_wrapper_output_is_bit_identical_resident_and_handoff(child, detached, s
     _same(stock["out"], res2["out"])
     log.info("%s tp%d: load stock %.3f s, handoff %s s, resident %.3f s", method, tp, stock["load_s"],
              ho.get("load_s"), res["load_s"])
+
+
+def _tokens(info, layers, seed: int = 1, q: int = 12):
+    """The child's tokens (same generator sequence as tests/ktwrapper_child.py)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for L in layers:
+        x = torch.randn(q, info.config_h, generator=g).to(torch.bfloat16)
+        ids = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(q)]).to(torch.int64)
+        w = torch.rand(q, TOPK, generator=g, dtype=torch.float32)
+        out[L] = (x, ids, w)
+    return out
+
+
+def _rawint4_reference(info, layer: int, x, ids, w):
+    """Torch MoE of the checkpoint's rawint4 experts, read with safetensors (not ktnuma's readers)."""
+    from safetensors import safe_open
+
+    from ktnuma.tools import reference as R
+
+    H, I = info.config_h, info.config_i
+    deq = {}
+    with safe_open(os.path.join(info.path, "model.safetensors"), framework="pt") as f:
+        for proj in ("gate", "up", "down"):
+            n, k = (I, H) if proj != "down" else (H, I)
+            deq[proj] = {e: R.dequantize("rawint4", f.get_tensor(f"model.layers.{layer}.mlp.experts.{e}.{proj}_proj"
+                                                                  ".weight_packed").numpy(),
+                                         f.get_tensor(f"model.layers.{layer}.mlp.experts.{e}.{proj}_proj"
+                                                      ".weight_scale").view(torch.int16).numpy(),
+                                         n=n, k=k, group_size=32)
+                         for e in range(E)}
+    return R.moe_forward(x, ids, w, deq["gate"], deq["up"], deq["down"])
+
+
+def _drop_cache(paths) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def test_rawint4_in_place_engine_crashes_stock_and_runs_on_resident_segments(child, detached, synth_model):
+    """AVX2RawInt4_MOE keeps reading the source after load: the stock wrapper has released its mmap by
+    then (SIGSEGV); ktnuma's segments outlive the load, and a second process reuses them unread."""
+    from ktnuma.tools import reference as R
+    from ktwrapper_child import cached_bytes
+
+    info = _model(synth_model, "RAWINT4")
+    avx2 = {"KT_RAWINT4_BACKEND": "avx2"}
+    stock = child("RAWINT4", info.path, info, 1, **avx2)
+    assert stock["exitcode"] == -11, f"stock RAWINT4 on AVX2 did not crash: {stock['exitcode']}"
+    ho = child("RAWINT4", info.path, info, 1, KTNUMA_STAGE="1", **avx2)
+    assert ho["exitcode"] == 2 and "keeps reading the weights after load" in ho["error"]
+    man = detached(info.path, "ep", 1)
+    first = child("RAWINT4", info.path, info, 1, KTNUMA_MANIFEST=man, **avx2)
+    assert first["exitcode"] == 0, first["error"] or first["stderr"][-1500:]
+    assert "AVX2_RAW_INT4" in first["stdout"]
+    for L, (x, ids, w) in _tokens(info, info.moe_layers).items():
+        out = torch.from_numpy(first["out"][f"L{L}"]).view(torch.bfloat16)
+        err = R.rel_l1(out, _rawint4_reference(info, L, x, ids, w))
+        assert err < 0.02, f"layer {L}: rel L1 {err:.4f} vs the torch reference"
+    _drop_cache(info.files)
+    second = child("RAWINT4", info.path, info, 1, KTNUMA_MANIFEST=man, **avx2)
+    assert second["exitcode"] == 0, second["error"] or second["stderr"][-1500:]
+    _same(first["out"], second["out"])
+    assert cached_bytes(list(info.files)) == 0, "the second process read the model files"
+    # an in-place engine over two subpools is refused with the way out
+    two = child("RAWINT4", info.path, info, 2, KTNUMA_MANIFEST=detached(info.path, "ep", 2), **avx2)
+    assert two["exitcode"] == 2 and "--kt-threadpool-count 1" in two["error"] and "\n" not in two["error"]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ktnuma.errors import BadInput
+from ktnuma.index.quant import family
 
 # torch dtype names the loaders hand out, by staged dtype (what the attach torch view gives)
 Viewer = Callable[[Any, str], Any]  # (torch view of one staged piece, kind) -> what upstream returns
@@ -95,10 +96,6 @@ METHODS: dict[str, Method] = {
 METHOD_FOR_FAMILY: dict[str, str] = {"bf16": "BF16", "fp8": "FP8", "gptq-int4": "GPTQ_INT4", "rawint4": "RAWINT4",
                                      "mxfp4": "MXFP4", "nvfp4": "NVFP4", "mxfp8": "MXFP8", "amx-int4": "AMXINT4",
                                      "amx-int8": "AMXINT8", "gguf": "LLAMAFILE"}
-
-
-def family(fmt: str) -> str:
-    return "gguf" if fmt.startswith("gguf:") else fmt
 
 
 def method(name: str) -> Method:
