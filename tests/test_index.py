@@ -18,7 +18,8 @@ from ktnuma.tools.synth import FORMAT_NAMES, write_model
 
 CASES = [(f, None) for f in FORMAT_NAMES] + [
     ("bf16", "mixtral"), ("bf16", "mistral"), ("bf16", "qwen-packed"), ("fp8", "mixtral"),
-    ("gptq-int4", "mixtral"), ("rawint4", "mistral"),
+    ("gptq-int4", "mixtral"), ("rawint4", "mistral"), ("bf16", "gpt-oss"), ("bf16", "granite"),
+    ("bf16", "granite-swa"), ("bf16", "jetmoe"), ("mxfp8", "deepseek"), ("nvfp4", "mixtral"),
 ]
 
 
@@ -61,12 +62,19 @@ def test_index_finds_exactly_the_routed_experts_byte_exact(models, case):
                 got = f.read(g.nbytes)
             if len(src) == g.nbytes:
                 assert got == src, (name, k)
+            elif g.conversion in ("bf16-even->f32", "bf16-odd->f32"):  # gpt-oss: the expert's [H, 2I] piece, de-interleaved
+                assert got == src[k * g.nbytes:(k + 1) * g.nbytes], (name, k)
+                cols = np.frombuffer(got, np.uint16).reshape(g.shape[0], -1)
+                with safe_open(path, "pt") as f:
+                    t = f.get_tensor(name)[k].contiguous().view(torch.int16).numpy().view(np.uint16)
+                phase = 0 if g.proj == "gate" else 1
+                assert np.array_equal(cols[:, phase::2], t[:, phase::2])
             else:  # stacked: expert k's piece (packed gate_up: gate then up halves)
                 assert got in (src[k * g.nbytes:(k + 1) * g.nbytes],
                                src[2 * k * g.nbytes:(2 * k + 1) * g.nbytes],
                                src[(2 * k + 1) * g.nbytes:(2 * k + 2) * g.nbytes]), (name, k)
                 half = src[2 * k * g.nbytes:(2 * k + 2) * g.nbytes]
-                if g.tensors[0].endswith("gate_up_proj"):
+                if len(src) == 2 * g.count * g.nbytes:  # gate_up: gate then up halves
                     assert got == (half[:g.nbytes] if g.proj == "gate" else half[g.nbytes:])
                 else:
                     assert got == src[k * g.nbytes:(k + 1) * g.nbytes]
@@ -284,3 +292,59 @@ def test_packed_model_missing_its_other_shard_is_one_line(tmp_path):
     shutil.copy(os.path.join(info.path, "config.json"), d / "config.json")
     r = subprocess.run([sys.executable, "-m", "ktnuma.inspect", str(d)], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# issue 14: what the field's writers produce; refusals name the missing feature
+# ------------------------------------------------------------------------------------------
+def _write(path, tensors: dict[str, tuple[str, tuple[int, ...]]], config: dict | None = None) -> str:
+    from ktnuma.tools.st_write import StTensor, write_safetensors
+
+    os.makedirs(path, exist_ok=True)
+    write_safetensors(os.path.join(path, "model.safetensors"),
+                      [StTensor(n, dt, sh, lambda n=0, sh=sh, dt=dt: np.zeros(int(np.prod(sh)) * (2 if dt == "BF16" else 1),
+                                                                         np.uint8)) for n, (dt, sh) in tensors.items()])
+    if config is not None:
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f)
+    return str(path)
+
+
+def test_gpt_oss_mxfp4_refused_naming_the_feature(tmp_path):
+    E_, H, I = 2, 64, 32
+    p = _write(tmp_path / "m", {
+        "model.layers.0.mlp.experts.gate_up_proj_blocks": ("U8", (E_, 2 * I, H // 32, 16)),
+        "model.layers.0.mlp.experts.gate_up_proj_scales": ("U8", (E_, 2 * I, H // 32)),
+        "model.layers.0.mlp.experts.down_proj_blocks": ("U8", (E_, H, I // 32, 16)),
+        "model.layers.0.mlp.experts.down_proj_scales": ("U8", (E_, H, I // 32)),
+    })
+    with pytest.raises(E.UnsupportedQuantization, match=r"gpt-oss MXFP4 .*gate/up interleaved.*no engine here"):
+        index_model(p)
+
+
+def test_stacked_shapes_that_fit_no_layout_say_which_layouts(tmp_path):
+    p = _write(tmp_path / "m", {"model.layers.0.mlp.experts.gate_up_proj": ("BF16", (2, 64, 100)),
+                                "model.layers.0.mlp.experts.down_proj": ("BF16", (2, 64, 32))})
+    with pytest.raises(E.FormatError, match=r"neither \[E, 2I, H\] \+ \[E, H, I\] \(gate then up\) nor gpt-oss"):
+        index_model(p)
+
+
+def test_gpt_oss_groups_read_pairs_and_deinterleave(models):
+    idx = index_model(models[("bf16", "gpt-oss")].path)
+    g = {(x.proj): x for x in idx.groups if x.layer == idx.config.layers[0]}
+    H, I = idx.config.hidden_size, idx.config.moe_intermediate_size
+    assert (g["gate"].shape, g["gate"].i_dim, g["gate"].conversion) == ((H, I), 1, "bf16-even->f32")
+    assert (g["up"].conversion, g["up"].offsets, g["up"].staged_dtype) == ("bf16-odd->f32", g["gate"].offsets, "f32")
+    assert g["gate"].nbytes == H * 2 * I * 2 and g["gate"].quantum_bytes == 4
+    assert (g["down"].shape, g["down"].i_dim) == ((I, H), 0)
+
+
+def test_new_formats_tp_refusals_name_their_units(models):
+    from ktnuma.errors import SplitError
+    from ktnuma.plan.planner import check_split
+
+    for fmt, naming, unit in (("mxfp8", "deepseek", "32-wide MXFP8 scale blocks"),
+                              ("nvfp4", "mixtral", "16-wide NVFP4 scale blocks")):
+        idx = index_model(models[(fmt, naming)].path)
+        with pytest.raises(SplitError, match=f"not a multiple of the {unit} of down_proj"):
+            check_split(idx, 16 if fmt == "mxfp8" else 32, "tp")

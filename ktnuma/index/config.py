@@ -31,12 +31,16 @@ CONFIG_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
         "gguf": ("{arch}.embedding_length",),
     },
     "moe_intermediate_size": {
-        "json": ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size"),
+        "json": ("moe_intermediate_size", "expert_intermediate_size", "expert_ffn_hidden_size", "intermediate_size"),
         "gguf": ("{arch}.expert_feed_forward_length",),
     },
     "num_hidden_layers": {
         "json": ("num_hidden_layers", "n_layers", "num_layers"),
         "gguf": ("{arch}.block_count",),
+    },
+    "zero_experts": {  # LongCat-Flash: identity experts that have router slots but no weights to compute
+        "json": ("zero_expert_num",),
+        "gguf": (),
     },
     "group_size": {
         "json": ("quantization_config.group_size", "quantization_config.config_groups.group_0.weights.group_size"),

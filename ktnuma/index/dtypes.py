@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 
 @dataclass(frozen=True)
@@ -135,19 +136,34 @@ def _bf16_to_f32(src: memoryview | bytes, dst: memoryview) -> None:
     np.left_shift(np.frombuffer(src, dtype="<u2"), 16, out=out, dtype="<u4", casting="unsafe")
 
 
+def _bf16_phase_to_f32(phase: int) -> Callable[[memoryview | bytes, memoryview], None]:
+    def fn(src: memoryview | bytes, dst: memoryview) -> None:
+        """Every other bf16 element from `phase` (gpt-oss gate = even, up = odd columns of gate_up_proj),
+        exactly as f32: a (gate, up) pair of 4 bytes becomes one 4-byte f32, a whole byte ratio."""
+        import numpy as np
+
+        out = np.frombuffer(dst, dtype="<u4")
+        np.left_shift(np.frombuffer(src, dtype="<u2")[phase::2], 16, out=out, dtype="<u4", casting="unsafe")
+    return fn
+
+
 @dataclass(frozen=True)
 class Conversion:
-    """A byte transform applied while staging: n source elements -> n staged elements."""
+    """A byte transform applied while staging: n source elements -> n * keep staged elements."""
 
     name: str
     src: str
     dst: str
     fn: Callable[[memoryview | bytes, memoryview], None]
+    keep: Fraction = Fraction(1)  # share of the source elements that are staged (1/2: de-interleave)
 
     @property
     def ratio(self) -> int:
-        """Staged bytes per source byte (integer for every entry)."""
-        return DTYPES[self.dst].itemsize // DTYPES[self.src].itemsize
+        """Staged bytes per source byte: a whole number for every entry (the executor writes whole
+        byte counts; a de-interleave that kept half the bytes would not be)."""
+        r = Fraction(DTYPES[self.dst].itemsize, DTYPES[self.src].itemsize) * self.keep
+        assert r.denominator == 1, self.name
+        return int(r)
 
 
 CONVERSIONS: dict[str, Conversion] = {
@@ -156,6 +172,8 @@ CONVERSIONS: dict[str, Conversion] = {
         Conversion("ue8m0->bf16", "u8", "bf16", _ue8m0_to_bf16),  # mxfp4 scales
         Conversion("f16->f32", "f16", "f32", _f16_to_f32),  # GPTQ scales
         Conversion("bf16->f32", "bf16", "f32", _bf16_to_f32),  # llm-compressor FP8_BLOCK scales
+        Conversion("bf16-even->f32", "bf16", "f32", _bf16_phase_to_f32(0), Fraction(1, 2)),  # gpt-oss gate
+        Conversion("bf16-odd->f32", "bf16", "f32", _bf16_phase_to_f32(1), Fraction(1, 2)),  # gpt-oss up
     )
 }
 

@@ -87,9 +87,13 @@ def _detect_format(hits: list[Hit], files: list[str], forced: str | None) -> Qua
     candidates = [f for f in detectable() if forced is None or f.name == forced]
     if forced is not None and not candidates:
         raise BadInput(f"format={forced!r} is not a format for this naming")
-    for f in candidates:
-        if all(s in f.weight.suffixes and d in f.weight.dtypes for s, d in weights):
+    scales = {(h.suffix, h.ext.dtype) for h in hits if SUFFIXES.get(h.suffix) == "scale"}
+    fits = [f for f in candidates if all(s in f.weight.suffixes and d in f.weight.dtypes for s, d in weights)]
+    for f in fits:  # formats sharing a weight encoding (fp8/mxfp8, mxfp4/nvfp4) differ in their scales
+        if not f.scales or any(s in f.scale_suffixes and d in f.scale_dtypes for s, d in scales):
             return f
+    if fits:
+        return fits[0]
     s, d = sorted(weights)[0]
     h = next(h for h in hits if (h.suffix, h.ext.dtype) == (s, d))
     what = f"format={forced}" if forced else "any known format"

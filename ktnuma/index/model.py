@@ -70,6 +70,7 @@ class PieceGroup:
     staged_dtype: str = ""
     first: int = 0  # expert number of position 0
     shard: int | None = None  # amx pre-sharded: the `.numa.{n}` shard of this group
+    globals: tuple[float, ...] | None = None  # NVFP4: each piece's per-tensor f32 scale (manifest global_scale)
 
     @property
     def count(self) -> int:

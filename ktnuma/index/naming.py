@@ -17,6 +17,8 @@ _SUFFIX = r"\.(?P<suffix>[A-Za-z_][A-Za-z_0-9]*)$"
 _DS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 _W = {"w1": "gate", "w3": "up", "w2": "down"}
 _GG = {"gate": "gate", "up": "up", "down": "down"}
+_GU = {"gate_up": "gate_up", "down": "down"}
+_IO = {"input": "gate_up", "output": "down"}  # Granite/JetMoe input_linear = gate and up, output_linear = down
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,11 @@ NAMING_RULES: tuple[NamingRule, ...] = (
     NamingRule("mixtral", re.compile(_LAYER + r"\.block_sparse_moe\.experts\.(?P<expert>\d+)\.(?P<proj>w[123])" + _SUFFIX), _W),
     NamingRule("v4flash", re.compile(_LAYER + r"\.ffn\.experts\.(?P<expert>\d+)\.(?P<proj>w[123])" + _SUFFIX), _W),
     NamingRule("mistral", re.compile(_LAYER + r"\.experts\.(?P<expert>\d+)\.(?P<proj>w[123])" + _SUFFIX), _W),
-    NamingRule("packed", re.compile(_LAYER + r"\.mlp\.experts\.(?P<proj>gate_up|down)_proj$"), {"gate_up": "gate_up", "down": "down"}, "stacked"),
+    # stacked [E, ...] tensors: Qwen3.5 packed and gpt-oss (told apart by shape), GraniteMoeSWA, Granite/JetMoe
+    NamingRule("packed", re.compile(_LAYER + r"\.mlp\.experts\.(?P<proj>gate_up|down)_proj(?:_(?P<suffix>bias|blocks|scales))?$"), _GU, "stacked"),
+    NamingRule("granite-swa", re.compile(_LAYER + r"\.block_sparse_moe\.experts\.(?P<proj>gate_up|down)_proj$"), _GU, "stacked"),
+    NamingRule("granite", re.compile(_LAYER + r"\.block_sparse_moe\.(?P<proj>input|output)_linear\.(?P<suffix>weight)$"), _IO, "stacked"),
+    NamingRule("jetmoe", re.compile(_LAYER + r"\.mlp\.(?P<proj>input|output)_linear\.(?P<suffix>weight)$"), _IO, "stacked"),
     NamingRule("amx", re.compile(r"^blk\.(?P<layer>\d+)\.ffn_(?P<proj>gate|up|down)_exps\.(?P<expert>\d+)\.numa\.(?P<shard>\d+)" + _SUFFIX), _GG, "amx"),
     NamingRule("gguf", re.compile(r"^blk\.(?P<layer>\d+)\.ffn_(?P<proj>gate|up|down)_exps\.(?P<suffix>weight)$"), _GG, "gguf", ".gguf"),
 )
@@ -49,10 +55,14 @@ IGNORED_SUFFIXES: frozenset[str] = frozenset({"qzeros", "g_idx", "weight_shape",
 SUFFIXES: dict[str, str | None] = {
     **{s: "weight" for f in FORMATS.values() for s in f.weight.suffixes},
     **{s: "scale" for f in FORMATS.values() for s in f.scale_suffixes},
+    **{f.global_suffix: "global" for f in FORMATS.values() if f.global_suffix},
     **dict.fromkeys(IGNORED_SUFFIXES),
 }
 REFUSED_SUFFIXES: dict[str, str] = {
     "weight_zero_point": "asymmetric int4 (weight_zero_point) is not supported; only symmetric checkpoints are",
+    "blocks": "gpt-oss MXFP4 (gate_up_proj_blocks/_scales: E2M1 blocks with gate/up interleaved along 2I) is "
+              "not supported: no engine here takes that layout (kt-kernel 0.7.2's MXFP4 loader reads per-expert "
+              "DeepSeek-V4 .weight/.scale tensors only); save the model dequantized to bf16 and stage that",
 }
 
 

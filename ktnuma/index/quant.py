@@ -81,6 +81,7 @@ class QuantFormat:
     staging: str = ""
     check_config: ConfigCheck | None = None
     naming_only: bool = False
+    global_suffix: str | None = None  # a per-tensor scalar scale beside each weight (NVFP4 weight_scale_2)
     notes: Mapping[str, str] = field(default_factory=dict)
 
     def scale_rule(self, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> KindRule:
@@ -139,8 +140,8 @@ FORMATS: dict[str, QuantFormat] = {
                          "{u}-wide FP8 scale blocks", variant="block"),
             ),
             tp="block: I_tp % 128; per-channel: I % N",
-            staging="bf16 scales (llm-compressor FP8_BLOCK) are staged exactly converted to f32 (dtype f32), "
-                    "as kt-kernel's FP8 engines take them",
+            staging="f32 scales staged as stored; bf16 scales (llm-compressor FP8_BLOCK) exactly converted to "
+                    "f32 (dtype f32), as kt-kernel's FP8 engines take them",
         ),
         QuantFormat(
             "mxfp4",
@@ -166,6 +167,30 @@ FORMATS: dict[str, QuantFormat] = {
             tp="down: I_tp % lcm(8, gs)",
             staging="f16 scales staged as f32",
             check_config=_check_gptq,
+        ),
+        QuantFormat(
+            "mxfp8",
+            KindRule(("weight",), {"f8_e4m3": None}, ROWS),
+            (KindRule(("weight_scale_inv", "weight_scale"), {"u8": None, "f8_e8m0": None},
+                      (("I", 1), ("H", MXFP8_GROUP)), "{u}-wide MXFP8 scale blocks", staged_as="u8"),),
+            group=MXFP8_GROUP,
+            tp="down: I_tp % 32",
+            staging="ue8m0 scales (one per 32 along K) staged as stored, dtype u8 (kt-kernel's MXFP8 engines "
+                    "shift them to f32 at load)",
+        ),
+        QuantFormat(
+            "nvfp4",
+            KindRule(("weight",), {"u8": None, "i8": None}, (("I", 1), ("H", 2)), "{u} FP4 values packed per byte",
+                     staged_as="u8"),
+            (KindRule(("weight_scale",), {"f8_e4m3": None}, (("I", 1), ("H", NVFP4_GROUP)),
+                      "{u}-wide NVFP4 scale blocks"),),
+            group=NVFP4_GROUP,
+            tp="down: I_tp % 16",
+            global_suffix="weight_scale_2",
+            staging="e4m3 block scales (one per 16 along K) staged as stored (dtype f8_e4m3); each expert's "
+                    "per-tensor f32 weight_scale_2 is the scale record's global_scale list; the scale an "
+                    "FP4 engine takes is bf16(f32(e4m3) * global_scale), rounded to nearest even, as "
+                    "kt-kernel 0.7.2's NVFP4 loader folds it",
         ),
         QuantFormat("gguf", KindRule(("weight",), {}, ROWS, "{u}-weight {T} blocks"),
                     tp="down: I_tp % block(T)", naming_only=True),

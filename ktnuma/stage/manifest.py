@@ -69,8 +69,21 @@ def build(index, topology, plan, result, *, run_id: str, shm_dir: str | None,
         "config": index.config.as_manifest(),
         "topology": topology_record(topology),
         "segments": segments,
-        "arrays": manifest_arrays(plan, lambda layer, node: shm.segment_name(run_id, layer, node)),
+        "arrays": _with_globals(manifest_arrays(plan, lambda layer, node: shm.segment_name(run_id, layer, node)),
+                                index),
     }
+
+
+def _with_globals(arrays: list[dict], index) -> list[dict]:
+    """NVFP4: a scale record's `global_scale` lists its experts' per-tensor f32 scales (model.notes says how
+    they fold into the scales an engine takes)."""
+    by_key = {(g.layer, g.proj, g.kind): g for g in index.groups if g.globals}
+    for r in arrays:
+        g = by_key.get((r["layer"], r["proj"], r["kind"]))
+        if g is not None:
+            lo = r["experts"][0] - g.first
+            r["global_scale"] = list(g.globals[lo:lo + r["experts"][1]])
+    return arrays
 
 
 def tmp_path(path: str, run_id: str) -> str:

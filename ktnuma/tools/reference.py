@@ -12,6 +12,8 @@ engines take (see ktnuma.integrations.kt_kernel: bf16 as uint16 bits, e4m3 as ui
 | gptq-int4  | i32 [K/8, N]: nibble (q+8) at bits 4*(k%8) | f16/f32 [K/gs, N]                     |
 | rawint4    | i32 [N, K/8] (= u8 [N, K/2], low nibble = even k), nibble = q+8 | bf16 [N, K/gs]   |
 | mxfp4      | u8 [N, K/2] E2M1, low nibble = even k    | bf16 [N, K/32] (= e8m0 u8 << 7) or raw e8m0 u8 |
+| mxfp8      | e4m3 [N, K]                              | ue8m0 u8 [N, K/32]                      |
+| nvfp4      | u8 [N, K/2] E2M1, low nibble = even k    | bf16 [N, K/16] = fold_nvfp4(e4m3, global) |
 | gguf:<T>   | T blocks, u8 [N, K/block*type_size]      | -                                       |
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from ktnuma.index.dtypes import FP8_BLOCK, GGML_TYPES, ggml_nbytes
-from ktnuma.index.quant import MXFP4_GROUP, family, gguf_type
+from ktnuma.index.quant import MXFP4_GROUP, MXFP8_GROUP, NVFP4_GROUP, family, gguf_type
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
@@ -129,6 +131,31 @@ def _deq_mxfp4(w: Any, s: Any, n: int, k: int, gs: int | None, gt: str | None) -
     return q * _group_expand(_mx_scale(s, n, k // g), 1, k)
 
 
+def _e4m3(a: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(_np(a).view(np.uint8).reshape(shape).copy()).view(torch.float8_e4m3fn).float()
+
+
+def _deq_mxfp8(w: Any, s: Any, n: int, k: int, gs: int | None, gt: str | None) -> torch.Tensor:
+    g = gs or MXFP8_GROUP
+    return _e4m3(w, (n, k)) * _group_expand(_mx_scale(s, n, k // g), 1, k)
+
+
+def fold_nvfp4(block_scale: Any, global_scale: float) -> np.ndarray:
+    """NVFP4 e4m3 block scales (raw bytes) x the per-tensor f32 global -> bf16 bits, as the manifest's
+    model.notes and kt-kernel 0.7.2's NVFP4 loader fold them: bf16(f32(e4m3) * f32(global))."""
+    a = _np(block_scale).view(np.uint8)
+    s = torch.from_numpy(a.copy()).view(torch.float8_e4m3fn).to(torch.float32)
+    s = s * torch.tensor(global_scale, dtype=torch.float32)
+    return s.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).reshape(a.shape)
+
+
+def _deq_nvfp4(w: Any, s: Any, n: int, k: int, gs: int | None, gt: str | None) -> torch.Tensor:
+    nib = _nibbles(_np(w).view(np.uint8).reshape(n, k // 2))
+    q = torch.tensor(E2M1, dtype=torch.float32)[torch.from_numpy(nib.astype(np.int64))]
+    g = gs or NVFP4_GROUP
+    return q * _group_expand(bf16_to_f32(s).reshape(n, k // g), 1, k)
+
+
 def _deq_gguf(w: Any, s: Any, n: int, k: int, gs: int | None, gt: str | None) -> torch.Tensor:
     import gguf.quants
 
@@ -145,6 +172,8 @@ DEQUANT: dict[str, DequantFn] = {
     "gptq-int4": _deq_gptq,
     "rawint4": _deq_rawint4,
     "mxfp4": _deq_mxfp4,
+    "mxfp8": _deq_mxfp8,
+    "nvfp4": _deq_nvfp4,
     "gguf": _deq_gguf,
 }
 
@@ -192,6 +221,21 @@ def _enc_mxfp4(rng: np.random.Generator, n: int, k: int, gs: int | None, gt: str
     return {"weight": packed, "scale": (e8m0.astype(np.uint16) << 7)}
 
 
+def _enc_mxfp8(rng: np.random.Generator, n: int, k: int, gs: int | None, gt: str | None) -> dict[str, np.ndarray]:
+    v = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32))
+    q = v.to(torch.float8_e4m3fn).view(torch.uint8).numpy().copy()
+    centre = 127 - int(round(np.log2(0.8 * np.sqrt(k))))
+    e8m0 = rng.integers(centre - 1, centre + 2, (n, k // (gs or MXFP8_GROUP)), dtype=np.int64).astype(np.uint8)
+    return {"weight": q, "scale": e8m0}
+
+
+def _enc_nvfp4(rng: np.random.Generator, n: int, k: int, gs: int | None, gt: str | None) -> dict[str, np.ndarray]:
+    packed = _pack_nibbles(rng.integers(0, 16, (n, k), dtype=np.uint8))
+    block = torch.from_numpy(rng.uniform(0.5, 1.5, (n, k // (gs or NVFP4_GROUP))).astype(np.float32))
+    e4m3 = block.to(torch.float8_e4m3fn).view(torch.uint8).numpy().copy()
+    return {"weight": packed, "scale": fold_nvfp4(e4m3, float(1.0 / (2.6 * np.sqrt(k))))}
+
+
 def _enc_gguf(rng: np.random.Generator, n: int, k: int, gs: int | None, gt: str | None) -> dict[str, np.ndarray]:
     import gguf.quants
 
@@ -223,6 +267,8 @@ ENCODERS: dict[str, EncodeFn] = {
     "gptq-int4": _enc_gptq,
     "rawint4": _enc_rawint4,
     "mxfp4": _enc_mxfp4,
+    "mxfp8": _enc_mxfp8,
+    "nvfp4": _enc_nvfp4,
     "gguf": _enc_gguf,
 }
 

@@ -90,13 +90,37 @@ class Context:
                 raise ConfigMismatch(f"{self.root}: {where} = {v}, but the expert tensors give {key} = {value} "
                                      f"({evidence})")
 
+    def drop_zero_experts(self) -> dict[str, str]:
+        """LongCat-style zero (identity) experts: slots at or past the config's routed-expert count that
+        hold some projections but not all. The engine computes only the routed experts, so only those
+        are staged; returns the manifest note saying so ({} when there is nothing to drop)."""
+        routed = self.found.get("num_experts")
+        slots = 1 + max((e for d in self.table.values() for e in d), default=-1)
+        if routed is None or slots <= routed[0]:
+            return {}
+        n = routed[0]
+        extra = range(n, slots)
+        kinds = {k[1:3] for k in self.table}
+        incomplete = [e for e in extra if any(e not in self.table.get((layer, p, k, None), {})
+                                              for layer in self.all_layers for p, k in kinds)]
+        if not incomplete:
+            return {}  # whole experts beyond the config's count: the cross-check reports the mismatch
+        for d in self.table.values():
+            for e in extra:
+                d.pop(e, None)
+        zero = self.found.get("zero_experts")
+        why = f"{zero[1]} = {zero[0]}" if zero else "no down projection"
+        return {"zero_experts": f"expert slots {ranges(list(extra))} hold only some projections: zero (identity) "
+                                f"experts ({why}) that the engine does not compute; staged the {n} routed experts "
+                                f"({routed[1]} = {n})"}
+
     def config(self, num_experts: int, hidden: int, inter: int, gs: int | None = None) -> ModelConfig:
         ept = self.found.get("experts_per_tok", (None, ""))[0]
         nh = self.found.get("num_hidden_layers", (None, ""))[0]
         return ModelConfig(num_experts, ept, hidden, inter, self.staged, nh, gs)
 
     def finish(self, fmt: str, groups: list[PieceGroup], cfg: ModelConfig, *, shards: int | None = None,
-               notes: dict[str, str] | None = None) -> ModelIndex:
+               notes: dict[str, str] | None = None, naming: str | None = None) -> ModelIndex:
         """The ModelIndex: only the files the staged groups use, renumbered."""
         used = sorted({f for g in groups for f in g.files})
         remap = {old: new for new, old in enumerate(used)}
@@ -106,10 +130,10 @@ class Context:
             files.append(SourceFile(self.paths[old], st.st_size, st.st_mtime_ns))
         out = tuple(replace(g, files=tuple(remap[f] for f in g.files)) for g in groups)
         all_notes = dict(self.fmt.notes) if self.fmt is not None else {}
-        if self.fmt is not None and self.fmt.staging and any(g.conversion or g.staged_dtype != g.dtype for g in out):
+        if self.fmt is not None and self.fmt.staging:
             all_notes["staging"] = self.fmt.staging
         all_notes.update(notes or {})
-        return ModelIndex(self.root, fmt, self.naming.naming, tuple(files), cfg, out, self.all_layers,
+        return ModelIndex(self.root, fmt, naming or self.naming.naming, tuple(files), cfg, out, self.all_layers,
                           shards=shards, notes=tuple(sorted(all_notes.items())))
 
 
@@ -129,6 +153,8 @@ def collect(root: str, paths: list[str], naming: NamingRule, fmt: QuantFormat | 
             continue
         if fmt is not None:
             if kind == "weight" and h.suffix not in fmt.weight.suffixes:
+                continue
+            if kind == "global" and h.suffix != fmt.global_suffix:
                 continue
             if kind == "scale":
                 if h.suffix not in fmt.scale_suffixes:

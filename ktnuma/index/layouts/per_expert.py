@@ -2,6 +2,10 @@
 through the format record (orientation, scale variant, group size, conversion)."""
 from __future__ import annotations
 
+import math
+import struct
+from dataclasses import replace
+
 from ktnuma.errors import ConfigMismatch, ModelError
 from ktnuma.index.layouts.common import Context, group, resolve_dims, stored_shape
 from ktnuma.index.model import PROJS, ModelIndex, PieceGroup
@@ -19,7 +23,12 @@ def build(ctx: Context) -> ModelIndex:
     if fmt.scales and not ctx.scale_suffixes:
         raise ModelError(f"{ctx.root}: {fmt.name} expert weights found but no scales "
                          f"(expected suffix {' or '.join(sorted(fmt.scale_suffixes))})")
-    n = ctx.experts(kinds)
+    notes = ctx.drop_zero_experts()
+    if fmt.global_suffix:
+        kinds_checked = kinds + ("global",)
+    else:
+        kinds_checked = kinds
+    n = ctx.experts(kinds_checked)
     shapes = {(p, k): ctx.uniform(p, k) for p in PROJS for k in kinds}
     gate, up, down = (shapes[(p, "weight")] for p in PROJS)
     w_dims = fmt.weight.dims
@@ -73,5 +82,28 @@ def build(ctx: Context) -> ModelIndex:
                                     offsets=tuple(d[e].offset for e in range(n)),
                                     tensors=tuple(d[e].name for e in range(n)),
                                     conversion=r.conversion(x.dtype), staged_dtype=r.staged_dtype(x.dtype)))
+    if fmt.global_suffix:
+        groups = [replace(g, globals=read_globals(ctx, g, n)) if g.kind == "scale" else g for g in groups]
     derived_gs = gs if any(u == "gs" for r in rules.values() for _, u in r.dims) else None
-    return ctx.finish(fmt.name, groups, ctx.config(n, hidden, inter, derived_gs))
+    return ctx.finish(fmt.name, groups, ctx.config(n, hidden, inter, derived_gs), notes=notes)
+
+
+def read_globals(ctx: Context, g: PieceGroup, n: int) -> tuple[float, ...]:
+    """Each expert's per-tensor f32 scale (NVFP4 weight_scale_2) of g's (layer, proj): 4 bytes each, the
+    only tensor data the index reads."""
+    d = ctx.table[(g.layer, g.proj, "global", None)]
+    out = []
+    for e in range(n):
+        x = d[e]
+        if x.dtype != "f32" or x.nbytes != 4:
+            raise ctx.err(x, f"per-tensor global scale is {x.dtype} {list(x.shape)}, expected one f32")
+        with open(ctx.paths[x.file], "rb") as f:
+            f.seek(x.offset)
+            raw = f.read(4)
+        if len(raw) != 4:
+            raise ctx.err(x, "file ends inside the global scale")
+        v = struct.unpack("<f", raw)[0]
+        if not math.isfinite(v):
+            raise ctx.err(x, f"global scale {v} is not finite")
+        out.append(v)
+    return tuple(out)

@@ -1,37 +1,101 @@
-"""Stacked tensors: one tensor per (layer, proj) holding every expert on dim 0 (Qwen3.5 packed
-`mlp.experts.gate_up_proj` [E, 2I, H] + `down_proj` [E, H, I], bf16)."""
+"""Stacked tensors: one tensor per (layer, proj) holding every expert on dim 0, bf16.
+
+Two storage orders, told apart by the shapes (they cannot both fit unless a dim is 0):
+- concatenated: gate_up [E, 2I, H] = gate rows then up rows, down [E, H, I] (Qwen3.5 packed
+  `mlp.experts.gate_up_proj`, GraniteMoeSWA `block_sparse_moe.experts.gate_up_proj`, Granite/JetMoe
+  `input_linear`/`output_linear`);
+- gpt-oss: gate_up [E, H, 2I] with gate and up INTERLEAVED on the last dim (gate = even columns, up =
+  odd) and down [E, I, H]: both transposed against [out, in]. Gate/up pieces are staged as [H, I]
+  (stored orientation): each reads the node's column range of gate_up once (gate and up share the
+  read) and keeps its phase, exactly converted to f32 (bf16-even->f32 / bf16-odd->f32: a 4-byte
+  gate/up pair becomes one 4-byte f32, so the executor's whole byte ratios hold); down as [I, H] bf16.
+  Biases are not staged (see GPT_OSS_NOTES).
+"""
 from __future__ import annotations
 
+from ktnuma.errors import FormatError
 from ktnuma.index.dtypes import itemsize
 from ktnuma.index.layouts.common import Context, group
-from ktnuma.index.model import PROJS, ModelIndex, PieceGroup
-from ktnuma.index.quant import FORMATS, down_dims
+from ktnuma.index.model import PROJS, ModelIndex, PieceGroup, TensorExtent
+from ktnuma.index.quant import FORMATS, ROWS, down_dims
+
+GPT_OSS_NOTES = {
+    "layout": "gpt-oss: gate_up_proj [E, H, 2I] interleaves gate (even columns) and up (odd columns); gate and "
+              "up are staged de-interleaved as [H, I] pieces exactly converted to f32 (dtype f32; slice dim 1 "
+              "counts gate/up columns), down_proj [E, I, H] as [I, H] bf16 pieces: both in the stored "
+              "orientation, transposed against [out, in]",
+    "biases": "gate_up_proj_bias [E, 2I] (interleaved like gate_up_proj) and down_proj_bias [E, H] are not "
+              "staged: the manifest holds routed-expert weights and scales only and kt-kernel's MoE takes no "
+              "expert biases; an engine that needs them loads them from the checkpoint",
+}
+
+
+def _orders(gu: tuple[int, ...], dn: tuple[int, ...]) -> str | None:
+    if len(gu) != 3 or len(dn) != 3 or gu[0] != dn[0]:
+        return None
+    if gu[1] == 2 * dn[2] and gu[2] == dn[1]:
+        return "concatenated"
+    if gu[2] == 2 * dn[1] and gu[1] == dn[2]:
+        return "gpt-oss"
+    return None
 
 
 def build(ctx: Context) -> ModelIndex:
     gu = ctx.uniform("gate", "weight")
     dn = ctx.uniform("down", "weight")
-    if len(gu.shape) != 3 or gu.shape[1] % 2:
-        raise ctx.err(gu, f"packed gate_up_proj shape {list(gu.shape)} is not [E, 2*I, H]")
-    n, two_i, hidden = gu.shape
+    order = _orders(gu.shape, dn.shape)
+    if order is None:
+        raise ctx.err(gu, f"stacked gate/up {list(gu.shape)} and down {list(dn.shape)} ({dn.name!r}) are neither "
+                          f"[E, 2I, H] + [E, H, I] (gate then up) nor gpt-oss [E, H, 2I] + [E, I, H] (interleaved "
+                          f"gate/up)")
+    if order == "concatenated":
+        n, two_i, hidden = gu.shape
+    else:
+        n, hidden, two_i = gu.shape
     inter = two_i // 2
-    if dn.shape != (n, hidden, inter):
-        raise ctx.err(dn, f"packed down_proj shape {list(dn.shape)}, expected {[n, hidden, inter]} from gate_up_proj {list(gu.shape)}")
     ctx.cross_check({"num_experts": n, "hidden_size": hidden, "moe_intermediate_size": inter},
                     f"{gu.name!r} shape {list(gu.shape)}")
-    rule = FORMATS["bf16"].weight
-    piece = inter * hidden * itemsize(gu.dtype)
+    if gu.dtype != "bf16" or dn.dtype != "bf16":
+        bad = gu if gu.dtype != "bf16" else dn
+        raise FormatError(ctx.paths[bad.file], f"stacked expert tensors are staged from bf16 only, not {bad.dtype}",
+                          bad.name)
+    build_one = _concatenated if order == "concatenated" else _gpt_oss
     groups: list[PieceGroup] = []
     for layer in ctx.staged:
         for p in PROJS:
-            x = ctx.table[(layer, p, "weight", None)][-1]
-            if p == "down":
-                offs = tuple(x.offset + e * piece for e in range(n))
-                shape, dims = (hidden, inter), down_dims(rule.dims)
-            else:
-                base = x.offset + (piece if p == "up" else 0)
-                offs = tuple(base + e * 2 * piece for e in range(n))
-                shape, dims = (inter, hidden), rule.dims
-            groups.append(group(layer, p, "weight", x, dims, note=rule.unit_note, files=(x.file,) * n, offsets=offs,
-                                tensors=(x.name,) * n, shape=shape, nbytes=piece))
+            groups.append(build_one(layer, ctx.table[(layer, p, "weight", None)][-1], p, n, hidden, inter))
+    biases = any(x.name.endswith("_bias") for x in ctx.ignored)
+    if order == "gpt-oss":
+        notes = dict(GPT_OSS_NOTES) if biases else {"layout": GPT_OSS_NOTES["layout"]}
+        return ctx.finish("bf16", groups, ctx.config(n, hidden, inter), naming="gpt-oss", notes=notes)
     return ctx.finish("bf16", groups, ctx.config(n, hidden, inter))
+
+
+def _concatenated(layer: int, x: TensorExtent, p: str, n: int, hidden: int, inter: int) -> PieceGroup:
+    rule = FORMATS["bf16"].weight
+    piece = inter * hidden * itemsize(x.dtype)
+    if p == "down":
+        offs = tuple(x.offset + e * piece for e in range(n))
+        shape, dims = (hidden, inter), down_dims(rule.dims)
+    else:
+        base = x.offset + (piece if p == "up" else 0)
+        offs = tuple(base + e * 2 * piece for e in range(n))
+        shape, dims = (inter, hidden), rule.dims
+    return group(layer, p, "weight", x, dims, note=rule.unit_note,
+                 files=(x.file,) * n, offsets=offs, tensors=(x.name,) * n, shape=shape, nbytes=piece)
+
+
+def _gpt_oss(layer: int, x: TensorExtent, p: str, n: int, hidden: int, inter: int) -> PieceGroup:
+    isz = itemsize(x.dtype)
+    if p == "down":  # [I, H] rows: I on dim 0
+        piece = inter * hidden * isz
+        return group(layer, p, "weight", x, ROWS, note="{u}-element rows", files=(x.file,) * n,
+                     offsets=tuple(x.offset + e * piece for e in range(n)), tensors=(x.name,) * n,
+                     shape=(inter, hidden), nbytes=piece)
+    # gate/up: [H, I] columns of the [H, 2I] piece; one column = one gate/up pair (2 elements) read,
+    # half of it staged
+    piece = hidden * 2 * inter * isz
+    return group(layer, p, "weight", x, (("H", 1), ("I", 1)), note="{u}-column gate/up pairs", files=(x.file,) * n,
+                 offsets=tuple(x.offset + e * piece for e in range(n)), tensors=(x.name,) * n,
+                 shape=(hidden, inter), nbytes=piece, quantum_bytes=2 * isz,
+                 conversion="bf16-even->f32" if p == "gate" else "bf16-odd->f32", staged_dtype="f32")

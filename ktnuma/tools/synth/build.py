@@ -59,8 +59,9 @@ def _check_dims(fmt: Format, opts: Opts, h: int, i: int, dense_i: int) -> None:
                      for k, v in ks.items() if v % unit]
         if fmt.name == "gptq-int4":
             problems += [f"{k} {v} is not a multiple of 8 (qzeros)" for k, v in ks.items() if v % 8]
-    if fmt.name == "mxfp4":
-        problems += [f"{k} {v} is not a multiple of 32 (mxfp4 blocks)" for k, v in ks.items() if v % 32]
+    if fmt.group_size is None and fmt.k_multiple > 1 and fmt.layout == "per-expert":  # mxfp4/mxfp8/nvfp4 groups
+        b = fmt.k_multiple
+        problems += [f"{k} {v} is not a multiple of {b} ({fmt.name} blocks)" for k, v in ks.items() if v % b]
     if fmt.layout == "amx":
         sh = opts.numa_shards
         if sh < 1 or i % sh:

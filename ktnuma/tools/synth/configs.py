@@ -6,6 +6,7 @@ from typing import Any
 from ktnuma.tools.synth.gen import ATTN_DIM, VOCAB
 from ktnuma.tools.synth.tables import Format, Shape
 from ktnuma.tools.synth.namings import Naming
+from ktnuma.tools.synth.specs import ZERO_EXPERTS
 from ktnuma.tools.synth.encoders import Opts
 
 # ---- configs
@@ -39,6 +40,13 @@ def _quant_config(fmt: Format, opts: Opts) -> dict[str, Any] | None:
                 "checkpoint_format": "gptq"}
     if fmt.name == "mxfp4":
         return {"quant_method": "mxfp4", "fmt": "e2m1", "scale_fmt": "ue8m0", "group_size": 32}
+    if fmt.name == "mxfp8":
+        return {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [1, 32]}
+    if fmt.name == "nvfp4":
+        return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
+                "exclude_modules": ["lm_head"]}
+    if fmt.name == "fp8" and "bf16-scale" in opts.variants:
+        return {"quant_method": "compressed-tensors", "format": "float-quantized"}
     return None
 
 
@@ -57,8 +65,9 @@ def _config(m: dict[str, Any]) -> dict[str, Any]:
             "first_k_dense_replace": 1, "moe_layer_freq": 1,
             "num_nextn_predict_layers": 1 if m["mtp_layer"] is not None else 0,
             "vocab_size": VOCAB, "torch_dtype": "bfloat16"}
-    elif kind == "mixtral":
-        cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": s.hidden,
+    elif kind in ("mixtral", "gpt-oss"):
+        arch, mt = ("GptOssForCausalLM", "gpt_oss") if kind == "gpt-oss" else ("MixtralForCausalLM", "mixtral")
+        cfg = {"architectures": [arch], "model_type": mt, "hidden_size": s.hidden,
                "intermediate_size": s.intermediate, "num_hidden_layers": n_layers,
                "num_local_experts": s.experts, "num_experts_per_tok": s.experts_per_tok,
                "vocab_size": VOCAB, "torch_dtype": "bfloat16"}
@@ -73,6 +82,8 @@ def _config(m: dict[str, Any]) -> dict[str, Any]:
                "vision_config": {"hidden_size": ATTN_DIM, "depth": 1}, "torch_dtype": "bfloat16"}
     else:  # gguf: metadata is written by _write_gguf
         return _gguf_metadata(m)
+    if "zero-experts" in m["opts"].variants:
+        cfg["zero_expert_num"] = ZERO_EXPERTS
     q = _quant_config(m["fmt"], m["opts"])
     if q is not None:
         cfg["quantization_config"] = q

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ktnuma.index.dtypes import FP8_BLOCK
-from ktnuma.index.quant import MXFP4_GROUP
+from ktnuma.index.quant import MXFP4_GROUP, MXFP8_GROUP, NVFP4_GROUP
 from ktnuma.tools.synth.gen import GENERATORS, Gen, _gen_const_i32, _gen_fill_u32, _gen_g_idx
 
 # --------------------------------------------------------------------------- per-format encodings of one linear
@@ -45,7 +45,10 @@ def _enc_fp8(o: Opts, n: int, k: int) -> list[Leaf]:
     if o.per_channel:
         shape = (n,) if "1d" in o.variants else (n, 1)
         return [w, Leaf("weight_scale", "F32", shape, GENERATORS["f32+"], "scale")]
-    return [w, Leaf("weight_scale_inv", "F32", (_cdiv(n, FP8_BLOCK), _cdiv(k, FP8_BLOCK)), GENERATORS["f32+"], "scale")]
+    blocks = (_cdiv(n, FP8_BLOCK), _cdiv(k, FP8_BLOCK))
+    if "bf16-scale" in o.variants:  # llm-compressor FP8_BLOCK: bf16 block scales named weight_scale
+        return [w, Leaf("weight_scale", "BF16", blocks, GENERATORS["bf16+"], "scale")]
+    return [w, Leaf("weight_scale_inv", "F32", blocks, GENERATORS["f32+"], "scale")]
 
 
 def _enc_rawint4(o: Opts, n: int, k: int) -> list[Leaf]:
@@ -71,6 +74,22 @@ def _enc_gptq(o: Opts, n: int, k: int) -> list[Leaf]:
     ]
 
 
+def _enc_mxfp8(o: Opts, n: int, k: int) -> list[Leaf]:
+    return [  # MiniMax-M3: e4m3 weights, ue8m0 u8 scales per 32 along K named weight_scale_inv
+        Leaf("weight", "F8_E4M3", (n, k), GENERATORS["e4m3"], "weight"),
+        Leaf("weight_scale_inv", "U8", (n, k // MXFP8_GROUP), GENERATORS["e8m0"], "scale"),
+    ]
+
+
+def _enc_nvfp4(o: Opts, n: int, k: int) -> list[Leaf]:
+    return [  # ModelOpt: E2M1 nibbles, e4m3 scale per 16 along K, per-tensor f32 global, activation scale
+        Leaf("weight", "U8", (n, k // 2), GENERATORS["u8"], "weight"),
+        Leaf("weight_scale", "F8_E4M3", (n, k // NVFP4_GROUP), GENERATORS["e4m3+"], "scale"),
+        Leaf("weight_scale_2", "F32", (), GENERATORS["f32+"], None),
+        Leaf("input_scale", "F32", (), GENERATORS["f32+"], None),
+    ]
+
+
 def _enc_mxfp4(o: Opts, n: int, k: int) -> list[Leaf]:
     return [
         Leaf("weight", "I8", (n, k // 2), GENERATORS["i8"], "weight"),  # E2M1, low nibble = even column
@@ -84,4 +103,6 @@ ENCODERS: dict[str, Callable[[Opts, int, int], list[Leaf]]] = {
     "rawint4": _enc_rawint4,
     "gptq-int4": _enc_gptq,
     "mxfp4": _enc_mxfp4,
+    "mxfp8": _enc_mxfp8,
+    "nvfp4": _enc_nvfp4,
 }

@@ -80,6 +80,14 @@ def _gen_e4m3(rng: np.random.Generator, n: int) -> np.ndarray:
     return r
 
 
+def _gen_e4m3_pos(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Positive finite e4m3fn bits in [2^-4, 1.875] (NVFP4 block scales)."""
+    r = _raw(rng, n)
+    r &= np.uint8(0x3F)
+    r |= np.uint8(0x18)
+    return r
+
+
 def _gen_e8m0(rng: np.random.Generator, n: int) -> np.ndarray:
     """UE8M0 scale exponents in a sane range (2^-9 .. 2^3); 255 (NaN) never occurs."""
     return rng.integers(118, 131, size=n, dtype=np.uint8)
@@ -112,6 +120,7 @@ GENERATORS: dict[str, Gen] = {
     "f32+": _gen_f32_pos,
     "norm": _gen_ones_f32,
     "e4m3": _gen_e4m3,
+    "e4m3+": _gen_e4m3_pos,
     "e8m0": _gen_e8m0,
     "u8": _gen_bytes,
     "i8": _gen_bytes,

@@ -27,11 +27,14 @@ class Naming:
     mtp: bool  # DeepSeek family: an MTP layer numbered num_hidden_layers carries experts
     config: str  # CONFIGS key
     extra: tuple[str, ...] = ()  # absolute names of further bf16 [H, ATTN_DIM] tensors (e.g. a vision tower)
+    stacked: str = ""  # "concat": one [E, 2I, H] gate_up + [E, H, I] down; "gpt-oss": [E, H, 2I] interleaved
 
 
 _HF = ("gate_proj", "up_proj", "down_proj")
 _W = ("w1", "w3", "w2")
 _BLK = ("gate", "up", "down")
+_GU = ("gate_up_proj", "gate_up_proj", "down_proj")
+_IO = ("input_linear.weight", "input_linear.weight", "output_linear.weight")
 
 NAMINGS: dict[str, Naming] = {
     n.name: n
@@ -53,7 +56,23 @@ NAMINGS: dict[str, Naming] = {
                "mlp.shared_expert.{p}", "mlp.gate.weight,mlp.shared_expert_gate.weight", None,
                "self_attn.o_proj", ("input_layernorm", "post_attention_layernorm"),
                "model.language_model.embed_tokens", "model.language_model.norm", "lm_head", False, "qwen",
-               extra=("model.visual.blocks.0.attn.proj.weight",)),
+               extra=("model.visual.blocks.0.attn.proj.weight",), stacked="concat"),
+        Naming("gpt-oss", "model.layers.{L}", "mlp.experts.{p}", _GU, "mlp.{p}", _HF,
+               "mlp.shared_experts.{p}", "mlp.router.weight", "mlp.router.bias",
+               "self_attn.o_proj", ("input_layernorm", "post_attention_layernorm"),
+               "model.embed_tokens", "model.norm", "lm_head", False, "gpt-oss", stacked="gpt-oss"),
+        Naming("granite", "model.layers.{L}", "block_sparse_moe.{p}", _IO, "mlp.{p}", _HF,
+               "shared_mlp.{p}", "block_sparse_moe.router.layer.weight", None,
+               "self_attn.o_proj", ("input_layernorm", "post_attention_layernorm"),
+               "model.embed_tokens", "model.norm", "lm_head", False, "mixtral", stacked="concat"),
+        Naming("granite-swa", "model.layers.{L}", "block_sparse_moe.experts.{p}", _GU, "mlp.{p}", _HF,
+               "shared_mlp.{p}", "block_sparse_moe.router.weight", None,
+               "self_attn.o_proj", ("input_layernorm", "post_attention_layernorm"),
+               "model.embed_tokens", "model.norm", "lm_head", False, "mixtral", stacked="concat"),
+        Naming("jetmoe", "model.layers.{L}", "mlp.{p}", _IO, "mlp.dense.{p}", _HF,
+               "mlp.shared.{p}", "mlp.router.layer.weight", None,
+               "self_attention.o_proj", ("input_layernorm", "post_attention_layernorm"),
+               "model.embed_tokens", "model.norm", "lm_head", False, "mixtral", stacked="concat"),
         Naming("deepseek-v4", "layers.{L}", "ffn.experts.{e}.{p}", _W, "ffn.{p}", _W,
                "ffn.shared_experts.{p}", "ffn.gate.weight", "ffn.gate.bias",
                "attn.wo", ("attn_norm", "ffn_norm"), "embed", "norm", "head", True, "deepseek-v4"),

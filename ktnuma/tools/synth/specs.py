@@ -119,18 +119,36 @@ def _st_layer_mlp(m: dict[str, Any], L: int, moe: bool, staged: bool) -> list[_S
                                      GENERATORS["u8"], L, True, kind_w))
                     out.append(_Spec(f"{stem}.numa.{shard}.scale", "F32", (n,), GENERATORS["f32+"], L, True,
                                      kind_s))
-    elif nm.name == "qwen-packed":
-        kind = "weight" if staged else None
-        out.append(_Spec(f"{pre}.mlp.experts.gate_up_proj", "BF16", (e, 2 * i, h), GENERATORS["bf16"], L, True,
-                         kind))
-        out.append(_Spec(f"{pre}.mlp.experts.down_proj", "BF16", (e, h, i), GENERATORS["bf16"], L, True, kind))
+    elif nm.stacked:
+        out.extend(_stacked(nm, pre, L, h, i, e, staged))
     else:
-        for x in range(e):
+        # zero-experts (LongCat-Flash): slots past the routed ones hold gate/up but no down
+        zero = ZERO_EXPERTS if "zero-experts" in opts.variants else 0
+        for x in range(e + zero):
             for proj, pname in zip(PROJS, nm.projs):
+                if x >= e and proj == "down":
+                    continue
                 n, k = _dims(proj, h, i)
-                out.extend(_linears(fmt, opts, f"{pre}.{nm.expert.format(e=x, p=pname)}", n, k, L, True, staged))
+                out.extend(_linears(fmt, opts, f"{pre}.{nm.expert.format(e=x, p=pname)}", n, k, L, True,
+                                    staged and x < e))
     plain(nm.shared, nm.dense_projs, i)
     return out
+
+
+ZERO_EXPERTS = 4  # zero-expert slots the "zero-experts" variant adds after the routed experts
+
+
+def _stacked(nm: Naming, pre: str, L: int, h: int, i: int, e: int, staged: bool) -> list[_Spec]:
+    """Stacked [E, ...] gate_up and down tensors: gate then up ([E, 2I, H] + [E, H, I]), or gpt-oss
+    ([E, H, 2I] with gate/up interleaved on the last dim + [E, I, H], plus their biases)."""
+    kind = "weight" if staged else None
+    gu = f"{pre}.{nm.expert.format(p=nm.projs[0])}"
+    dn = f"{pre}.{nm.expert.format(p=nm.projs[2])}"
+    bf = GENERATORS["bf16"]
+    if nm.stacked == "gpt-oss":
+        return [_Spec(gu, "BF16", (e, h, 2 * i), bf, L, True, kind), _Spec(dn, "BF16", (e, i, h), bf, L, True, kind),
+                _Spec(gu + "_bias", "BF16", (e, 2 * i), bf, L, True), _Spec(dn + "_bias", "BF16", (e, h), bf, L, True)]
+    return [_Spec(gu, "BF16", (e, 2 * i, h), bf, L, True, kind), _Spec(dn, "BF16", (e, h, i), bf, L, True, kind)]
 
 
 def _st_specs(m: dict[str, Any]) -> list[_Spec]:

@@ -22,8 +22,11 @@ class Format:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("bf16", "safetensors", "per-expert", ("deepseek", "mixtral", "mistral", "qwen-packed")),
-        Format("fp8", "safetensors", "per-expert", ("deepseek", "mixtral", "mistral"), ("1d",)),
+        Format("bf16", "safetensors", "per-expert", ("deepseek", "mixtral", "mistral", "qwen-packed", "gpt-oss",
+                                                     "granite", "granite-swa", "jetmoe"), ("zero-experts",)),
+        Format("fp8", "safetensors", "per-expert", ("deepseek", "mixtral", "mistral"), ("1d", "bf16-scale")),
+        Format("mxfp8", "safetensors", "per-expert", ("mixtral", "deepseek", "mistral"), (), None, 32),
+        Format("nvfp4", "safetensors", "per-expert", ("deepseek", "mixtral", "mistral"), (), None, 16),
         Format("rawint4", "safetensors", "per-expert", ("deepseek", "mixtral", "mistral"), ("asym",), 32, 8),
         Format("gptq-int4", "safetensors", "per-expert", ("deepseek", "mixtral", "mistral"),
                ("desc_act", "asym"), 32, 8),
@@ -34,7 +37,7 @@ FORMATS: dict[str, Format] = {
     )
 }
 FORMAT_NAMES: tuple[str, ...] = ("bf16", "fp8", "fp8-channel", "rawint4", "gptq-int4", "mxfp4", "amx-int4",
-                                 "amx-int8", "gguf:F16", "gguf:BF16", "gguf:Q8_0", "gguf:Q4_K", "gguf:Q6_K")
+                                 "amx-int8", "mxfp8", "nvfp4", "gguf:F16", "gguf:BF16", "gguf:Q8_0", "gguf:Q4_K", "gguf:Q6_K")
 
 # GGUF types synth writes, and how: "f16"/"bf16"/"f32" raw bits, "quantize" through gguf.quants,
 # or random blocks whose f16 scale fields (byte offsets in the block) are overwritten with finite values.
