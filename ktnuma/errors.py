@@ -19,7 +19,9 @@ Hierarchy::
     |  |  +- TruncatedFile, HeaderTooLarge, HeaderOutOfBounds, InvalidHeaderJSON, UnknownDtype,
     |  |     ShapeMismatch, OffsetsOutOfBounds, OverlappingTensors, UnsafeShardPath, BadMagic
     |  +- ModelError                    the model as a whole (+ UnsupportedQuantization, ConfigMismatch)
-    |  +- SplitError, TopologyError, ManifestError, SourceTruncated
+    |  +- SplitError, TopologyError, SourceTruncated, ManifestExists, StdoutClosed
+    |  +- ManifestError                 (+ ManifestMalformed, ManifestOutOfBounds, ManifestNames,
+    |  |                                   ManifestNotTrusted)
     |  +- AttachError                   (+ SegmentMissing, SegmentMismatch, SourceChanged)
     |  +- NodeNotFound                  (also a NumaError)
     +- HostError                     2  this machine's environment refuses (not the caller's input)
@@ -30,6 +32,8 @@ Hierarchy::
     +- Interrupted                 130
     +- ProgrammingError              1  a bug: PlanInvalid (ours), Released (the caller's)
     ParentGone (plain Exception)        worker-internal control flow, never leaves the worker
+    NotASegment (an OSError)         2  via the CLI's OSError rule
+    JSONLimit (a ValueError)            internal: callers wrap it in a named error with the file
 """
 from __future__ import annotations
 
@@ -132,6 +136,35 @@ class ManifestError(BadInput):
     segments. Exit 2."""
 
 
+# --- manifests (the one validation, ktnuma.stage.manifest_check; used by attach, release, stream, verify) ---
+class ManifestMalformed(ManifestError):
+    """Not a ktnuma manifest of this version: bad JSON, too large or too deep, a huge integer, a
+    field missing or of the wrong type. Exit 2."""
+
+
+class ManifestOutOfBounds(ManifestError):
+    """A record points outside its segment, or at experts or nodes the manifest does not have
+    (never a pointer outside a mapping). Exit 2."""
+
+
+class ManifestNames(ManifestError):
+    """A run id not of the generated form, or a segment name that is not exactly
+    ``ktnuma.<run_id>.L<layer>.n<node>`` of its own record. Exit 2."""
+
+
+class ManifestNotTrusted(ManifestError):
+    """release: the manifest is not owned by the caller, is writable by group or others, or is not
+    the one the run registry records for its run (``--force`` / ``force=True`` overrides). Exit 2."""
+
+
+class ManifestExists(BadInput):
+    """Publishing never replaces an existing manifest: another run published at that path. Exit 2."""
+
+
+class StdoutClosed(BadInput):
+    """launch could not write ``ready`` (stdout closed, its reader gone): the run was removed. Exit 2."""
+
+
 class SourceTruncated(BadInput):
     """A worker read fewer bytes than the plan says: a model file was truncated or changed since
     it was indexed. Raised inside the worker; the coordinator reports it as bad input. Exit 2."""
@@ -157,7 +190,7 @@ class SourceChanged(AttachError):
 class HostError(KtnumaError):
     """This machine's environment cannot be used as it is (a directory that is not writable or
     not ours, libnuma missing, a NUMA call refused). Not a fault of the caller's input, but the
-    same remedy: fix the setup and run again. The contract has one code for that: exit 2, as for
+    same remedy: fix the setup and run again. The contract has one code for that. Exit 2, as for
     an OSError the CLI reports (ENOSPC aside, which is 3)."""
 
     exit_code = 2
@@ -272,30 +305,15 @@ class ParentGone(Exception):
     can swallow it; it never leaves the worker process."""
 
 
-# --- manifests (the one validation, ktnuma.stage.manifest_check; used by attach, release, stream, verify) ---
-class ManifestMalformed(ManifestError):
-    """Not a ktnuma manifest of this version: bad JSON, too large or too deep, a huge integer, a
-    field missing or of the wrong type. Exit 2."""
+# ============================================================== not KtnumaErrors on purpose
+class NotASegment(OSError):
+    """Something other than a regular file (a symlink, FIFO or device) sits at a segment's name.
+    An OSError (errno EINVAL) so that every OSError path handles it; a CLI that meets it prints
+    one line and exits 2, as for any OSError but ENOSPC."""
 
 
-class ManifestOutOfBounds(ManifestError):
-    """A record points outside its segment, or at experts or nodes the manifest does not have
-    (never a pointer outside a mapping). Exit 2."""
-
-
-class ManifestNames(ManifestError):
-    """A run id not of the generated form, or a segment name that is not exactly
-    ``ktnuma.<run_id>.L<layer>.n<node>`` of its own record. Exit 2."""
-
-
-class ManifestNotTrusted(ManifestError):
-    """release: the manifest is not owned by the caller, is writable by group or others, or is not
-    the one the run registry records for its run (``--force`` / ``force=True`` overrides). Exit 2."""
-
-
-class ManifestExists(BadInput):
-    """Publishing never replaces an existing manifest: another run published at that path. Exit 2."""
-
-
-class StdoutClosed(BadInput):
-    """launch could not write ``ready`` (stdout closed, its reader gone): the run was removed. Exit 2."""
+class JSONLimit(ValueError):
+    """JSON read from disk breaks a limit of ``ktnuma.index.bounded`` (depth, integer length,
+    duplicate keys, size) or is not JSON. A ValueError like ``json``'s own; callers wrap it in
+    their named error (``InvalidHeaderJSON``, ``ManifestError``...) with the file, so it never
+    reaches a user by itself (if it did: exit 1, a bug)."""

@@ -19,6 +19,8 @@ import re
 import secrets
 import stat
 
+from ktnuma.errors import NotASegment
+
 log = logging.getLogger(__name__)
 
 PREFIX = "ktnuma."
@@ -155,10 +157,6 @@ def open_segment(name: str, shm_dir: str | None = None, *, write: bool = False) 
         os.close(fd)
         raise NotASegment(errno.EINVAL, f"{path} is not a regular file (FIFO or device)", path)
     return fd
-
-
-class NotASegment(OSError):
-    """Something other than a regular file sits at a segment's name."""
 
 
 def unlink(name: str, shm_dir: str | None = None) -> bool:

@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ktnuma.errors import JSONLimit
+
 MAX_DEPTH = 64
 MAX_INT_DIGITS = 20  # 2**64 has 20 digits
-
-
-class JSONLimit(ValueError):
-    """The JSON text breaks one of the limits above (or is not JSON)."""
 
 
 def _int(text: str) -> int:
