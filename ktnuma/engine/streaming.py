@@ -126,6 +126,20 @@ def _refuse_in_place(engine: Any) -> None:
                        "`python -m ktnuma.launch` and use ktnuma.attach instead (the segments then outlive the engine)")
 
 
+def _check_records(p: Any, arrays: list[dict]) -> None:
+    """The same validation a published manifest passes (manifest_check), on the stream's own records."""
+    from ktnuma.stage.manifest_check import check
+
+    segments = [{"name": shm.segment_name(p.run_id, s.layer, s.node), "layer": s.layer, "node": s.node,
+                 "size": s.size, "placement": None} for s in p.plan.segments]
+    check({"ktnuma_manifest": 1, "run_id": p.run_id, "owner": {"pid": os.getpid(), "start_time": None},
+           "split": p.plan.split, "shm_dir": shm.norm_dir(p.shm_dir),
+           "model": {"path": os.path.abspath(p.index.root), "format": p.index.format, "naming": p.index.naming,
+                     "files": []},
+           "config": p.index.config.as_manifest(), "topology": p.topology.as_manifest(),
+           "segments": segments, "arrays": arrays}, f"stream {p.run_id}")
+
+
 @contextmanager
 def stream(model: str | os.PathLike[str], nodes: int | None = None, split: str = "tp",
            layers: str | Sequence[int] | None = None, shm_dir: str | None = None, topology: str | None = None,
@@ -149,8 +163,9 @@ def stream(model: str | os.PathLike[str], nodes: int | None = None, split: str =
                 shm_dir=shm_dir, stream=True, window=window)
     views = None
     try:
-        records = [ArrayRecord.from_json(r) for r in
-                   manifest_arrays(p.plan, lambda layer, node: shm.segment_name(p.run_id, layer, node))]
+        arrays = manifest_arrays(p.plan, lambda layer, node: shm.segment_name(p.run_id, layer, node))
+        _check_records(p, arrays)
+        records = [ArrayRecord.from_json(r) for r in arrays]
         views = SegmentViews(records, p.topology.ids, fmt=p.index.format, split=split,
                              config=p.index.config.as_manifest(), shm_dir=p.shm_dir, where=f"stream {p.run_id}: ")
         sizes = {shm.segment_name(p.run_id, s.layer, s.node): s.size for s in p.plan.segments}

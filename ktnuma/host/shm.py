@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 PREFIX = "ktnuma."
 DEFAULT_SHM_DIR = "/dev/shm"
 MODE = 0o600
-NAME_RE = re.compile(r"^ktnuma\.([0-9a-f]{16,48})\.L(0|[1-9][0-9]{0,8})\.n(0|[1-9][0-9]{0,3})$")
+NAME_RE = re.compile(r"^ktnuma\.([0-9a-f]{16,48})\.L(0|[1-9][0-9]{0,4})\.n(0|[1-9][0-9]{0,3})$")
 RUN_ID_RE = re.compile(r"^[0-9a-f]{16,48}$")  # the generated form: optional hex prefix + 16 hex digits
-MAX_LAYER = 10**9 - 1  # layer numbers that fit a segment name (NAME_RE)
+MAX_LAYER = 99_999  # layer numbers that fit a segment name (NAME_RE); the index refuses larger ones
 MAX_NODE = 9999
 TMPFS_MAGIC = 0x01021994
 

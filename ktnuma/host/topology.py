@@ -98,16 +98,30 @@ def _int_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
+TOPOLOGY_LIMIT = 1 << 20  # bytes of a topology file
+MAX_NODE_ID = 9999  # node ids that fit a segment name (host.shm.MAX_NODE)
+MAX_CPU = 1 << 20
+MAX_NODES = 1024  # Linux's MAX_NUMNODES: more nodes than any machine has, simulated or not
+
+
 def load(path: str) -> Topology:
     """Read a TOML topology file; CPUs the machine lacks are remapped with one warning."""
     path = str(path)
+    import stat
+
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > TOPOLOGY_LIMIT:
+                raise _bad(path, f"not a regular file of at most {TOPOLOGY_LIMIT} bytes")
+            doc = tomllib.loads(f.read(TOPOLOGY_LIMIT).decode("utf-8"))
     except FileNotFoundError:
         raise _bad(path, "topology file not found") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise _bad(path, f"cannot read topology file: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise _bad(path, f"not a TOML text file ({exc.reason} at byte {exc.start})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError; so are huge ints
+        raise _bad(path, f"cannot read topology file: {str(exc)[:200]}") from None
     unknown = set(doc) - {"simulated", "nodes"}
     if unknown:
         raise _bad(path, f"unknown keys {sorted(unknown)} (expected 'simulated' and [[nodes]])")
@@ -123,11 +137,11 @@ def load(path: str) -> Topology:
         if not isinstance(entry, dict) or set(entry) - {"id", "cpus"}:
             raise _bad(path, f"nodes[{i}]: expected only 'id' and 'cpus', got {entry!r}")
         nid, ncpus = entry.get("id"), entry.get("cpus")
-        if not isinstance(nid, int) or isinstance(nid, bool) or nid < 0:
-            raise _bad(path, f"nodes[{i}]: 'id' must be a non-negative integer, got {nid!r}")
+        if not isinstance(nid, int) or isinstance(nid, bool) or not 0 <= nid <= MAX_NODE_ID:
+            raise _bad(path, f"nodes[{i}]: 'id' must be an integer in [0, {MAX_NODE_ID}], got {nid!r:.40}")
         if nid in ids:
             raise _bad(path, f"nodes[{i}]: duplicate node id {nid}")
-        if not _int_list(ncpus) or not ncpus or min(ncpus) < 0:
+        if not _int_list(ncpus) or not ncpus or min(ncpus) < 0 or max(ncpus) > MAX_CPU:
             raise _bad(path, f"node {nid}: 'cpus' must be a non-empty list of CPU numbers, got {ncpus!r}")
         if len(set(ncpus)) != len(ncpus):
             raise _bad(path, f"node {nid}: duplicate CPUs in {ncpus}")
@@ -161,6 +175,8 @@ def select(nodes: int | None = None, path: str | None = None, simulate: bool = T
     """The topology for ``--nodes N [--topology PATH] [--no-simulate]`` (see the module doc)."""
     if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
         raise TopologyError(f"nodes={nodes!r}: must be a positive integer")
+    if nodes is not None and nodes > MAX_NODES:
+        raise TopologyError(f"nodes={nodes}: more than {MAX_NODES} nodes (Linux's MAX_NUMNODES) cannot be staged")
     if path is not None:
         topo = load(path)
         count = len(topo.nodes)

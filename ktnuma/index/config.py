@@ -5,7 +5,6 @@ a ConfigMismatch, never a silent guess.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -57,16 +56,20 @@ def _dig(d: Any, dotted: str) -> Any:
     return d
 
 
+CONFIG_LIMIT = 16 << 20  # bytes of a config.json
+
+
 def load_config_json(root: str) -> dict[str, Any] | None:
     path = os.path.join(root, "config.json")
     if not os.path.isfile(path):
         return None
+    from ktnuma.index import bounded
+
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except PermissionError as e:
+        cfg = bounded.read(path, limit=CONFIG_LIMIT)
+    except OSError as e:
         raise InvalidHeaderJSON(path, f"cannot read: {e.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except bounded.JSONLimit as e:
         raise InvalidHeaderJSON(path, f"config is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise InvalidHeaderJSON(path, "config is not a JSON object")

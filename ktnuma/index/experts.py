@@ -11,7 +11,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Iterable
 
-from ktnuma.errors import BadInput, FormatError, ModelError
+from ktnuma.errors import BadInput, FormatError, ModelError, ShapeMismatch
+from ktnuma.host.shm import MAX_LAYER
 from ktnuma.index import gguf as gguf_reader
 from ktnuma.index import safetensors as st_reader
 from ktnuma.index.config import load_config_json, lookup, quantization_config
@@ -36,17 +37,23 @@ def parse_layers(spec: str | Iterable[int] | None) -> tuple[int, ...] | None:
     if spec is None:
         return None
     if not isinstance(spec, str):
-        return tuple(sorted(set(int(x) for x in spec)))
+        nums = tuple(sorted(set(int(x) for x in spec)))
+        if nums and not 0 <= nums[0] <= nums[-1] <= MAX_LAYER:
+            raise BadInput(f"layers: layer numbers must be in [0, {MAX_LAYER}], got {nums[0]}..{nums[-1]}")
+        return nums
     out: set[int] = set()
-    for part in spec.split(","):
+    for part in spec[:4096].split(","):
         part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"(\d{1,12})(?:-(\d{1,12}))?", part)
         if not m:
-            raise BadInput(f"layers={spec!r}: {part!r} is not a layer number or range like 1-3")
+            raise BadInput(f"layers={spec[:80]!r}: {part[:40]!r} is not a layer number or range like 1-3")
         a = int(m.group(1))
         b = int(m.group(2)) if m.group(2) else a
         if b < a:
-            raise BadInput(f"layers={spec!r}: range {part!r} runs backwards")
+            raise BadInput(f"layers={spec[:80]!r}: range {part!r} runs backwards")
+        if b > MAX_LAYER:  # bounded before anything is allocated: a layer number must fit a segment name
+            raise BadInput(f"layers={spec[:80]!r}: layer {b} is beyond {MAX_LAYER}, the largest layer number "
+                           "a segment name holds")
         out.update(range(a, b + 1))
     return tuple(sorted(out))
 
@@ -124,6 +131,19 @@ def _format_for(naming: NamingRule, hits: list[Hit], paths: list[str], forced: s
 
 
 # ---------------------------------------------------------------- building the index
+def _check_dims(ctx: Context, layout: str) -> None:
+    """Before any layout does arithmetic on shapes: no zero-size dimension, and expert weights at
+    least 2-D ([out, in]; stacked [E, out, in]) except pre-sharded AMX blobs."""
+    for (_layer, _proj, kind, _shard), by_expert in ctx.table.items():
+        for t in by_expert.values():
+            if 0 in t.shape:
+                raise ShapeMismatch(ctx.paths[t.file], f"shape {list(t.shape)} has a zero-size dimension", t.name)
+            if kind == "weight" and layout != "amx" and len(t.shape) < 2:
+                raise ShapeMismatch(ctx.paths[t.file], f"expert weight of shape {list(t.shape)} is "
+                                    f"{len(t.shape)}-D; expected [out, in]", t.name)
+
+
+
 def index_model(path: str, format: str | None = None, layers: str | Iterable[int] | None = None) -> ModelIndex:
     """Read a model directory (headers only) into a ModelIndex of routed-expert pieces."""
     root, paths = _model_files(path)
@@ -151,7 +171,12 @@ def index_model(path: str, format: str | None = None, layers: str | Iterable[int
     # ModelIndex.root is what the manifest records as the model path: the file itself when one was named
     where = os.path.abspath(path) if os.path.isfile(path) else root
     ctx = collect(where, paths, naming, fmt, hits, found, format, want_layers)
-    return LAYOUTS[naming.layout](ctx)
+    _check_dims(ctx, naming.layout)
+    index = LAYOUTS[naming.layout](ctx)
+    big = [g.layer for g in index.groups if g.layer > MAX_LAYER]
+    if big:  # a layer number must fit a segment name (ktnuma.<run>.L<layer>.n<node>)
+        raise ModelError(f"{where}: layer number {big[0]} is beyond {MAX_LAYER}, the largest a segment name holds")
+    return index
 
 
 def layer_bytes(index: ModelIndex) -> dict[int, int]:

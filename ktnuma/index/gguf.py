@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ktnuma.errors import BadMagic, FormatError, TruncatedFile, UnknownDtype
+from ktnuma.errors import BadMagic, FormatError, HeaderOutOfBounds, OverlappingTensors, TruncatedFile, UnknownDtype
 from ktnuma.index.model import TensorExtent
 from ktnuma.index.dtypes import GGML_BY_ID, ggml_nbytes, gguf_dtype
 
@@ -32,14 +32,23 @@ def _scalar_fields(reader: Any) -> dict[str, Any]:
 
 def read_file(path: str, file_index: int) -> tuple[list[TensorExtent], dict[str, Any]]:
     """All tensors of one GGUF file (absolute offsets, PyTorch-order shapes) and its scalar metadata."""
+    import stat
+
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-            size = os.fstat(f.fileno()).st_size
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
     except PermissionError as e:
         raise FormatError(path, f"cannot read: {e.strerror}") from None
-    if magic != GGUF_MAGIC:
-        raise BadMagic(path, f"bad magic {magic!r}, expected {GGUF_MAGIC!r}")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(path, "not a regular file")
+        size = st.st_size
+        magic = os.pread(fd, 4, 0)
+        if magic != GGUF_MAGIC:
+            raise BadMagic(path, f"bad magic {magic!r}, expected {GGUF_MAGIC!r}")
+        _check_bounds(path, fd, size)  # before the gguf package loops over counts read from the file
+    finally:
+        os.close(fd)
     # Unknown tensor types make the gguf package raise while parsing; check them first ourselves.
     from gguf import GGUFReader
 
@@ -76,7 +85,87 @@ def read_file(path: str, file_index: int) -> tuple[list[TensorExtent], dict[str,
         extents.append(TensorExtent(t.name, file_index, start, nbytes, gguf_dtype(gt), shape))
     meta = _scalar_fields(reader)
     del reader  # drop the whole-file mapping now
+    ordered = sorted((e for e in extents if e.nbytes), key=lambda e: e.offset)
+    for a, b in zip(ordered, ordered[1:]):
+        if b.offset < a.offset + a.nbytes:
+            raise OverlappingTensors(path, f"data [{a.offset}, {a.offset + a.nbytes}) overlaps {b.name!r} "
+                                           f"at {b.offset}", a.name)
     return extents, meta
+
+
+GGML_MAX_DIMS = 4
+
+
+def _check_bounds(path: str, fd: int, size: int) -> None:
+    """Walk the GGUF header's counts and lengths against the file size before anything loops over
+    them: a metadata array, string, key count or tensor count that cannot fit in the rest of the
+    file is HeaderOutOfBounds (a 2^60-element array claim is refused at once, not iterated)."""
+    import mmap
+    import struct
+
+    if size < 24:
+        raise TruncatedFile(path, f"file is {size} bytes, shorter than the 24-byte GGUF header")
+    mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    pos = 4
+
+    def take(fmt: str) -> int:
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise TruncatedFile(path, f"GGUF header is cut short at byte {pos} of {size}")
+        v = struct.unpack_from(fmt, mm, pos)[0]
+        pos += n
+        return v
+
+    def skip(n: int, what: str) -> None:
+        nonlocal pos
+        if n > size - pos:
+            raise HeaderOutOfBounds(path, f"{what} claims {n} bytes at byte {pos}, past the end of the "
+                                          f"{size}-byte file")
+        pos += n
+
+    def count(n: int, least: int, what: str) -> int:
+        if n * least > size - pos:
+            raise HeaderOutOfBounds(path, f"{what} claims {n} entries (at least {n * least} bytes) at byte "
+                                          f"{pos}, past the end of the {size}-byte file")
+        return n
+
+    def value(t: int, depth: int = 0) -> None:
+        if t in _GGUF_SCALARS:
+            skip(struct.calcsize(_GGUF_SCALARS[t]), "a metadata value")
+        elif t == 8:
+            skip(take("<Q"), "a metadata string")
+        elif t == 9 and depth == 0:
+            et, n = take("<I"), take("<Q")
+            if et in _GGUF_SCALARS:
+                skip(count(n, struct.calcsize(_GGUF_SCALARS[et]), "a metadata array") *
+                     struct.calcsize(_GGUF_SCALARS[et]), "a metadata array")
+            elif et in (8, 9):
+                for _ in range(count(n, 8 if et == 8 else 12, "a metadata array")):
+                    value(et, depth + 1)
+            else:
+                raise FormatError(path, f"unknown metadata array element type {et} at byte {pos}")
+        else:
+            raise FormatError(path, f"unknown metadata value type {t} at byte {pos}")
+
+    try:
+        version = take("<I")
+        if version < 2:
+            return  # GGUF v1: the gguf package refuses it with its own message
+        n_tensors, n_kv = take("<Q"), take("<Q")
+        count(n_kv, 8 + 8 + 4, "the metadata key count")
+        for _ in range(n_kv):
+            skip(take("<Q"), "a metadata key")
+            value(take("<I"))
+        count(n_tensors, 8 + 4 + 4 + 8, "the tensor count")
+        for _ in range(n_tensors):
+            skip(take("<Q"), "a tensor name")
+            nd = take("<I")
+            if nd > GGML_MAX_DIMS:
+                raise FormatError(path, f"a tensor at byte {pos} has {nd} dims (GGUF allows {GGML_MAX_DIMS})")
+            skip(8 * nd + 4 + 8, "a tensor record")
+    finally:
+        mm.close()
 
 
 # GGUF value types -> struct format of a scalar (8 = string, 9 = array)

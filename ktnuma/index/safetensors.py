@@ -4,7 +4,6 @@ Every way a file can be malformed is its own named error carrying the numbers.
 """
 from __future__ import annotations
 
-import json
 import os
 import struct
 from typing import Any
@@ -18,27 +17,38 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def read_header(path: str) -> tuple[dict[str, Any], int, int]:
-    """Return (header dict, data section start, file size). Reads only the header."""
+    """Return (header dict, data section start, file size). Reads only the header (regular files
+    only: a FIFO is refused without blocking; JSON bounded, duplicate keys refused)."""
+    import stat
+
+    from ktnuma.index import bounded
+
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise TruncatedFile(path, f"file is {size} bytes, shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > HEADER_CAP:
-                raise HeaderTooLarge(path, f"header length {n} exceeds the {HEADER_CAP}-byte cap")
-            if 8 + n > size:
-                raise HeaderOutOfBounds(path, f"header length {n} runs past the end of the {size}-byte file")
-            raw = f.read(n)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except PermissionError as e:
         raise FormatError(path, f"cannot read: {e.strerror}") from None
-    except IsADirectoryError:
-        raise FormatError(path, "is a directory, not a safetensors file") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise FormatError(path, "is a directory, not a safetensors file")
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(path, "not a regular file")
+        size = st.st_size
+        if size < 8:
+            raise TruncatedFile(path, f"file is {size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if n > HEADER_CAP:
+            raise HeaderTooLarge(path, f"header length {n} exceeds the {HEADER_CAP}-byte cap")
+        if 8 + n > size:
+            raise HeaderOutOfBounds(path, f"header length {n} runs past the end of the {size}-byte file")
+        raw = os.pread(fd, n, 8)
+    finally:
+        os.close(fd)
     if len(raw) != n:
         raise TruncatedFile(path, f"read {len(raw)} of {n} header bytes")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = bounded.loads(raw)
+    except bounded.JSONLimit as e:
         raise InvalidHeaderJSON(path, f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise InvalidHeaderJSON(path, f"header is a JSON {type(header).__name__}, not an object")
@@ -107,10 +117,11 @@ def shard_paths(root: str) -> list[str]:
     """The safetensors files of a model directory, honouring model.safetensors.index.json."""
     index_path = os.path.join(root, INDEX_NAME)
     if os.path.exists(index_path):
+        from ktnuma.index import bounded
+
         try:
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            index = bounded.read(index_path, limit=HEADER_CAP)
+        except (OSError, ValueError) as e:
             raise InvalidHeaderJSON(index_path, f"index is not valid JSON ({e})") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):

@@ -7,7 +7,7 @@ Nothing in a manifest is trusted for an address or a delete until :func:`check` 
   ``ktnuma.<run_id>.L<layer>.n<node>`` from its own record, each once;
 * bounds: every array inside its segment (``offset + (count - 1) * stride + nbytes <= size``),
   its layer/node those of the segment, experts ``[first, first + count)`` inside
-  ``[0, num_experts)``, ``stride >= nbytes``, ``nbytes`` equal to what ``dtype`` and ``shape``
+  ``[0, num_experts)``, ``stride == nbytes`` (densely packed), ``nbytes`` equal to what ``dtype`` and ``shape``
   give, nodes among ``topology.nodes``, one record per (layer, proj, kind, node);
 * size: the file is a regular file of at most :data:`LIMIT` bytes, JSON bounded
   (:mod:`ktnuma.index.bounded`).
@@ -201,8 +201,9 @@ def _arrays(c: _Check, m: dict, sizes: dict[str, tuple[int, int, int]], num_expe
         offset = c.int(r, "offset", what, 0, MAX_SIZE)
         if nbytes != want:
             raise c.bad(what, f"nbytes {nbytes} but {dtype} {shape} is {want} bytes", ManifestOutOfBounds)
-        if stride < nbytes:
-            raise c.bad(what, f"stride {stride} < nbytes {nbytes} (pieces overlap)", ManifestOutOfBounds)
+        if stride != nbytes:  # the contract: densely packed, so an array is a true [count, ...] stack
+            raise c.bad(what, f"stride {stride} != nbytes {nbytes} (pieces must be densely packed)",
+                        ManifestOutOfBounds)
         end = offset + (count - 1) * stride + nbytes
         if end > size:
             raise c.bad(what, f"bytes [{offset}, {end}) run past its {size}-byte segment {seg}",
