@@ -383,13 +383,13 @@ def test_fifo_as_model_file_never_blocks(tmp_path, synth_model):
 
 
 def test_layers_and_nodes_bounded_before_any_worker(synth_model, monkeypatch, run_registry):
-    """In-process: a worker process would be a _Proc; none may exist when the inputs are refused."""
+    """In-process: a worker process would be a procs.WorkerProc; none may exist when the inputs are refused."""
     from ktnuma import launch
     from ktnuma.errors import BadInput
-    from ktnuma.stage import coordinator
+    from ktnuma.stage import procs
 
     started = []
-    monkeypatch.setattr(coordinator._Proc, "__init__", lambda self, *a, **k: started.append(a) or 1 / 0)
+    monkeypatch.setattr(procs.WorkerProc, "__init__", lambda self, *a, **k: started.append(a) or 1 / 0)
     model = synth_model("bf16").path
     for argv, what in ((["/nonexistent", "--nodes", "256"], "does not exist"),
                        ([model, "--layers", "0-100000000000"], "beyond"),
@@ -487,7 +487,7 @@ def test_binary_and_hostile_topology_files(synth_model, tmp_path):
     assert "topology" in _one_line(run_module("launch", "--topology", str(h), model))
     n = tmp_path / "bigid.toml"
     n.write_text("[[nodes]]\nid = 100000\ncpus = [0]\n")
-    assert "'id' must be an integer in [0, 9999]" in _one_line(run_module("launch", "--topology", str(n), model))
+    assert "'id' must be a non-negative integer (at most 9999)" in _one_line(run_module("launch", "--topology", str(n), model))
 
 
 def test_overlapping_gguf_tensors_refused(tmp_path):

@@ -138,7 +138,7 @@ def load(path: str) -> Topology:
             raise _bad(path, f"nodes[{i}]: expected only 'id' and 'cpus', got {entry!r}")
         nid, ncpus = entry.get("id"), entry.get("cpus")
         if not isinstance(nid, int) or isinstance(nid, bool) or not 0 <= nid <= MAX_NODE_ID:
-            raise _bad(path, f"nodes[{i}]: 'id' must be an integer in [0, {MAX_NODE_ID}], got {nid!r:.40}")
+            raise _bad(path, f"nodes[{i}]: 'id' must be a non-negative integer (at most {MAX_NODE_ID}), got {nid!r:.40}")
         if nid in ids:
             raise _bad(path, f"nodes[{i}]: duplicate node id {nid}")
         if not _int_list(ncpus) or not ncpus or min(ncpus) < 0 or max(ncpus) > MAX_CPU:
