@@ -40,6 +40,28 @@ def test_quick_bench_json(tmp_path):
         # kt-kernel's loader maps it only briefly on this tiny model, so its share is not asserted here)
         for case in ("ep", "tp", "stream"):
             assert rows[case]["peak_model_files"] == 0, (case, rows[case])
+        # every source byte read once (the launch summary's read_bytes / staged bytes)
+        for case in ("ep", "tp"):
+            assert rows[case]["read_ratio"] == 1.0, (case, rows[case])
     assert {t["target"].split(" ")[0] for t in s["targets"]} >= {"warm", "cold"}
     # nothing of ours is left in /dev/shm
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("ktnuma.raw.")]
+
+
+@pytest.mark.bench
+def test_peers_load_the_same_experts(tmp_path):
+    """The peers (safetensors, fastsafetensors, runai-model-streamer) run as whole processes on the
+    same routed-expert tensors, and the bench reports them beside ktnuma with ok/MISS targets."""
+    for mod in ("safetensors", "fastsafetensors", "runai_model_streamer"):
+        pytest.importorskip(mod)
+    r = subprocess.run([sys.executable, "-m", "ktnuma.bench", "--quick", "--json", "--cache", str(tmp_path),
+                        "--modes", "warm", "--cases", "ep,tp,safetensors,fastsafetensors,runai"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = s["modes"]["warm"]
+    assert set(rows) == {"ep", "tp", "safetensors", "fastsafetensors", "runai"}
+    for peer in ("safetensors", "fastsafetensors", "runai"):
+        assert rows[peer]["seconds"] > 0 and rows[peer]["peak"] > 0
+    peer_targets = [t for t in s["targets"] if "faster than" in t["target"]]
+    assert len(peer_targets) == 6, s["targets"]

@@ -19,7 +19,6 @@ engine process that consumes layers as they complete (``ktnuma.stream``). Import
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import time
 from collections.abc import Callable, Iterator

@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from ktnuma.host import numa, shm
 from ktnuma.stage import protocol
@@ -37,12 +36,15 @@ FAULT_ENV = "KTNUMA_WORKER_FAULT"  # tests: "L:n:k" -> die mid-job on (layer L, 
 DELAY_ENV = "KTNUMA_WORKER_DELAY"  # tests: seconds to sleep (in small steps) inside every job with reads
 
 
-@dataclass(frozen=True)
 class Hooks:
-    """Test hooks, parsed once at the entry point (never read deeper in the worker)."""
+    """Test hooks, parsed once at the entry point (never read deeper in the worker). A plain class:
+    no dataclasses import in the worker."""
 
-    fault: tuple[int, int, int] | None = None  # (layer, node, k): die mid-job while attempt < k
-    delay: float = 0.0
+    __slots__ = ("fault", "delay")
+
+    def __init__(self, fault: tuple[int, int, int] | None = None, delay: float = 0.0) -> None:
+        self.fault = fault  # (layer, node, k): die mid-job while attempt < k
+        self.delay = delay
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Hooks:
@@ -54,11 +56,11 @@ class Hooks:
 
 
 class Worker:
-    def __init__(self, node: int, real_node: int, cpus: list[int], threads: int, hooks: Hooks = Hooks()) -> None:
+    def __init__(self, node: int, real_node: int, cpus: list[int], threads: int, hooks: Hooks | None = None) -> None:
         self.node = node
         self.real_node = real_node
         self.cpus = cpus
-        self.hooks = hooks
+        self.hooks = hooks or Hooks()
         self.src: Sources | None = None
         self.shm_dir: str | None = None
         self.gone = threading.Event()
