@@ -40,6 +40,8 @@ CASES = {
     "RAWINT4": ("rawint4", 64, 64, {"group_size": 32}),  # default pick here: AMXInt4_KGroup_MOE (copies)
     "MXFP4": ("mxfp4", 64, 64, {}),
     "LLAMAFILE": ("gguf:Q8_0", 256, 512, {}),
+    "AMXINT4": ("amx-int4", 256, 512, {}),  # pre-sharded: .numa.{n} shards = threadpool_count
+    "AMXINT8": ("amx-int8", 256, 512, {}),
 }
 # (method, threadpool_count) whose engine reads the staged memory in place (engine-facts): resident only
 IN_PLACE = {("LLAMAFILE", 1)}
@@ -108,8 +110,10 @@ def detached(tmp_path, run_registry):
             run_module("release", man)
 
 
-def _model(synth_model, method):
+def _model(synth_model, method, tp: int = 1):
     fmt, H, I, kw = CASES[method]
+    if fmt.startswith("amx-"):
+        kw = {**kw, "numa_shards": tp}
     return _Info(synth_model(fmt, hidden=H, intermediate=I, experts=E, experts_per_tok=TOPK, **kw), H, I)
 
 
@@ -129,7 +133,7 @@ def _same(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("method", list(CASES))
 def test_wrapper_output_is_bit_identical_resident_and_handoff(child, detached, synth_model, method, tp):
-    info = _model(synth_model, method)
+    info = _model(synth_model, method, tp)
     stock = child(method, info.path, info, tp)
     if (method, tp) in STOCK_CRASHES:
         assert stock["exitcode"] == -11
@@ -143,14 +147,15 @@ def test_wrapper_output_is_bit_identical_resident_and_handoff(child, detached, s
         assert ho["exitcode"] == 0, ho["error"] or ho["stderr"][-1500:]
         _same(stock["out"], ho["out"])
         assert ho["shm_after"] == 0  # every handoff segment is gone once the last layer is loaded
-    man = detached(info.path, "ep" if tp > 1 else "tp", tp)
+    man = detached(info.path, "ep" if tp > 1 and not method.startswith("AMX") else "tp", tp)
     res = child(method, info.path, info, tp, KTNUMA_MANIFEST=man)
     assert res["exitcode"] == 0, res["error"] or res["stderr"][-1500:]
     _same(stock["out"], res["out"])
-    # --kt-weight-path naming the manifest itself
-    res2 = child(method, man, info, tp, KTNUMA_MANIFEST=man)
-    assert res2["exitcode"] == 0, res2["error"] or res2["stderr"][-1500:]
-    _same(stock["out"], res2["out"])
+    if not method.startswith("AMX"):  # AMXMoEWrapper globs weight_path/*.safetensors itself
+        # --kt-weight-path naming the manifest itself
+        res2 = child(method, man, info, tp, KTNUMA_MANIFEST=man)
+        assert res2["exitcode"] == 0, res2["error"] or res2["stderr"][-1500:]
+        _same(stock["out"], res2["out"])
     log.info("%s tp%d: load stock %.3f s, handoff %s s, resident %.3f s", method, tp, stock["load_s"],
              ho.get("load_s"), res["load_s"])
 
@@ -224,3 +229,30 @@ def test_rawint4_in_place_engine_crashes_stock_and_runs_on_resident_segments(chi
     # an in-place engine over two subpools is refused with the way out
     two = child("RAWINT4", info.path, info, 2, KTNUMA_MANIFEST=detached(info.path, "ep", 2), **avx2)
     assert two["exitcode"] == 2 and "--kt-threadpool-count 1" in two["error"] and "\n" not in two["error"]
+
+
+@pytest.mark.parametrize("method", ["AMXINT4", "AMXINT8"])
+def test_amx_loader_output_equals_upstream_safetensor_loader(detached, synth_model, method):
+    """[numa][expert] numpy arrays, same keys in the same order, dtypes, shapes and bytes."""
+    from kt_kernel.utils.loader import SafeTensorLoader
+
+    from ktnuma.integrations.kt_kernel import loaders, methods, sessions
+
+    info = _model(synth_model, method, 2)
+    man = detached(info.path, "tp", 2)
+    sess = sessions.Resident(methods.method(method), sessions.Pool(2, (0, 1)), man, info.path, False)
+    try:
+        ours, stock = loaders.AmxLoader(lambda: sess), SafeTensorLoader(info.path)
+        for L in info.moe_layers:
+            a, b = ours.load_experts(f"blk.{L}"), stock.load_experts(f"blk.{L}")
+            assert list(a) == list(b)
+            for key in b:
+                assert len(a[key]) == len(b[key]) == 2 and all(len(r) == E for r in a[key])
+                for ra, rb in zip(a[key], b[key]):
+                    for x, y in zip(ra, rb):
+                        assert isinstance(x, np.ndarray) and x.dtype == y.dtype and x.shape == y.shape, key
+                        assert x.tobytes() == y.tobytes(), f"layer {L} {key}: bytes differ"
+        with pytest.raises(KeyError):
+            ours.load_experts("model.layers.1")
+    finally:
+        sess.close()

@@ -114,17 +114,24 @@ class AmxLoader:
                                        f"{r.first + r.count - 1} of {proj} {kind}; AMX shards need all")
                     rows.append([stacked[i] for i in range(r.count)])
                 out[proj if kind == "weight" else f"{proj}_scale"] = rows
+        arrays = [a for rows in out.values() for row in rows for a in row]
+        _Lease(lambda: s.done(layer), len(arrays)).track(arrays)
         return out
 
     def close_all_handles(self) -> None:
-        pass  # AMXMoEWrapper never releases its loader; resident segments stay, a handoff ends with the model
+        pass  # AMXMoEWrapper never releases its loader: a layer is done once its arrays are dropped
 
 
 class _Lease:
-    """Calls `done(layer)` once every tensor handed out for the layer has been dropped."""
+    """Calls `done()` once `count` tracked objects (what a loader handed out for one layer) are gone:
+    the engine has copied the layer and dropped its sources."""
 
     def __init__(self, done: Callable[[], None], count: int) -> None:
         self.done, self.left = done, count
+
+    def track(self, objs: list[Any]) -> None:
+        for o in objs:
+            weakref.finalize(o, self.drop)
 
     def drop(self) -> None:
         self.left -= 1
@@ -172,7 +179,7 @@ class GgufLoader:
             lease = self._leases.get(layer)
             if lease is None:
                 lease = self._leases[layer] = _Lease(lambda: self._finished(layer), len(PROJS))
-            weakref.finalize(t, lease.drop)
+            lease.track([t])
         return t, GGMLQuantizationType(GGML_TYPES[dtype[5:]].id)
 
     def _finished(self, layer: int) -> None:
