@@ -82,12 +82,8 @@ def cleanup(dry_run: bool = False, scan_dirs: Sequence[str] | None = None) -> Re
                 owned.add(parsed[0])
                 rep.kept.append(parsed[0])
                 continue
-            rep.segments.append((shm.norm_dir(dd), name))
-            if not dry_run:
-                try:
-                    shm.unlink(name, dd)
-                except OSError as exc:
-                    log.warning("cannot remove segment %s: %s", name, exc)
+            gone = remove_run(parsed[0], dd, names=[name], entry=False, dry_run=dry_run).segments
+            rep.segments += [(shm.norm_dir(dd), n) for n in gone if (shm.norm_dir(dd), n) not in rep.segments]
     return rep
 
 

@@ -298,6 +298,30 @@ def test_foreground_exit_spares_a_manifest_that_is_no_longer_its_own(synth_model
             p.wait()
 
 
+def test_two_launches_racing_for_one_manifest_path(synth_model, run_registry, tmp_path):
+    """Both pass the early 'exists' check (their workers are slowed), only one publishes: the other
+    exits 2 naming the path, leaving nothing and not touching the winner's manifest."""
+    man = tmp_path / "m.json"
+    cmd = [sys.executable, "-m", "ktnuma.launch", "--topology", TWO, "--detach", "--quiet", "--manifest",
+           str(man), synth_model("bf16").path]
+    env = dict(os.environ, KTNUMA_WORKER_DELAY="1")
+    ps = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+          for _ in range(2)]
+    outs = [(p.wait(120), p.stdout.read(), p.stderr.read()) for p in ps]
+    try:
+        codes = sorted(c for c, _, _ in outs)
+        assert codes == [0, 2], outs
+        (win,) = [o for o in outs if o[0] == 0]
+        (lose,) = [o for o in outs if o[0] == 2]
+        assert win[1].strip() == f"ready {man}" and "ready" not in lose[1]
+        assert str(man) in lose[2] and ("exists" in lose[2]) and "Traceback" not in lose[2], lose
+        m = json.loads(man.read_text())
+        assert len(shm.run_segments(m["run_id"])) == len(m["segments"])
+        assert [n[:-5] for n in os.listdir(run_registry) if n.endswith(".json")] == [m["run_id"]]
+    finally:
+        run_module("release", str(man))
+
+
 def test_cleanup_removes_a_killed_publishers_temp_file(run_registry, tmp_path):
     from ktnuma.stage import registry
     from ktnuma.stage.manifest import tmp_path as temp_of

@@ -191,8 +191,18 @@ def owner_alive(entry: RunEntry) -> bool:
 
 
 def is_live(entry: RunEntry) -> bool:
-    """True for a run that cleanup must leave alone: a detached run with its manifest, or a run
-    whose owner is still the same living process."""
+    """True for a run that cleanup must leave alone: a detached run whose manifest (still carrying
+    its run id) exists, or a run whose owner is still the same living process."""
     if entry.state == "detached":
-        return os.path.exists(entry.manifest)
+        from ktnuma.stage.manifest_check import LIMIT
+
+        if not os.path.lexists(entry.manifest):
+            return False
+        try:
+            m = bounded.read(entry.manifest, limit=LIMIT)
+        except OSError:  # cannot tell (e.g. not readable by us): leave it alone
+            return True
+        except ValueError:
+            return False
+        return isinstance(m, dict) and m.get("run_id") == entry.run_id
     return owner_alive(entry)
