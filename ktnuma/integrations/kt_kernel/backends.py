@@ -9,7 +9,7 @@ from typing import Callable
 
 from ktnuma.errors import BadInput
 from ktnuma.index.dtypes import DTYPES, FP8_BLOCK, GGML_TYPES, ggml_nbytes
-from ktnuma.index.quant import MXFP4_GROUP
+from ktnuma.index.quant import MXFP4_GROUP, MXFP8_GROUP, NVFP4_GROUP
 from ktnuma.index.quant import family as _family
 from ktnuma.index.model import KINDS, PROJS
 
@@ -62,6 +62,15 @@ BACKENDS: dict[str, Backend] = {
         Backend("mxfp4", "AVX2MXFP4_MOE", lambda n, k, gs: ("u8", (n, k // 2)),
                 lambda n, k, gs: ("bf16", (n, k // gs)),
                 4, MXFP4_GROUP, MXFP4_GROUP, True, lambda mode, tp: False, 0.02),
+        # formats rows (engineer A): MiniMax-M3 MXFP8 (u8 ue8m0 scales as staged) and ModelOpt NVFP4 on the
+        # FP4 kernel with group 16; NVFP4 takes bf16 scales = the staged e4m3 folded with the record's
+        # global_scale (model.notes; ktnuma.tools.reference.fold_nvfp4)
+        Backend("mxfp8", "AVX2MXFP8_MOE", lambda n, k, gs: ("f8_e4m3", (n, k)),
+                lambda n, k, gs: ("u8", (n, k // MXFP8_GROUP)),
+                8, MXFP8_GROUP, MXFP8_GROUP, True, lambda mode, tp: False, 0.02),
+        Backend("nvfp4", "AVX2MXFP4_MOE", lambda n, k, gs: ("u8", (n, k // 2)),
+                lambda n, k, gs: ("bf16", (n, k // NVFP4_GROUP)),
+                4, NVFP4_GROUP, NVFP4_GROUP, True, lambda mode, tp: False, 0.02),
         Backend("gguf", "MOE", None, None,
                 None, None, None, False, lambda mode, tp: tp == 1, 0.04),
     )
@@ -223,7 +232,7 @@ def check_engine_limits(spec: EngineSpec, n_parts: int = 1) -> None:
         need(It % FP8_BLOCK == 0,
              f"per-part intermediate {It} is not a multiple of the {FP8_BLOCK}-wide FP8 scale blocks "
              f"(the engine returns NaN/garbage); use fewer parts or split=ep")
-    elif fam in ("gptq-int4", "rawint4", "mxfp4"):
+    elif fam in ("gptq-int4", "rawint4", "mxfp4", "mxfp8", "nvfp4"):
         gs = spec.group_size or 0
         need(gs > 0 and gs % 8 == 0, f"group size {gs} must be a positive multiple of 8")
         if gs > 0:
