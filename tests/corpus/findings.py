@@ -29,12 +29,14 @@ def st_header(path: Path) -> dict:
     return h
 
 
-def expert_rows(d: Path, layer: int) -> list[str]:
+def expert_rows(d: Path, layer: int, experts: int) -> list[str]:
+    """Tensors of `layer` named like experts, or stacked [E, ...] (Granite/JetMoe input_linear...)."""
     rows: "OrderedDict[tuple, int]" = OrderedDict()
     pat = re.compile(rf"(^|\.)layers\.{layer}\.")
     for f in sorted(d.glob("*.safetensors")):
         for name, v in sorted(st_header(f).items()):
-            if not pat.search(name) or "expert" not in name or "shared" in name:
+            stacked = len(v["shape"]) == 3 and v["shape"][0] == experts
+            if not pat.search(name) or "shared" in name or not ("expert" in name or stacked):
                 continue
             folded = re.sub(r"\.experts\.\d+\.", ".experts.{e}.", name)
             key = (folded, v["dtype"], tuple(v["shape"]))
@@ -87,7 +89,7 @@ def section(d: Path) -> str:
              f"{rec.get('format')})", f"- dir: `{d}`", f"- expected: {json.dumps(exp)}"]
     layer = (exp.get("layers") or [0])[0]
     ggufs = sorted(d.glob("*.gguf"))
-    rows = gguf_rows(ggufs[0]) if ggufs else expert_rows(d, layer)
+    rows = gguf_rows(ggufs[0]) if ggufs else expert_rows(d, layer, exp.get("num_experts", 0))
     lines.append(f"- expert tensors of layer {layer}:")
     lines += [f"  - {r}" for r in rows[:12]] + ([f"  - ... {len(rows) - 12} more"] if len(rows) > 12 else [])
     ck = config_keys(d)

@@ -1,5 +1,5 @@
 """llama.cpp's convert_hf_to_gguf.py (vendor/llama.cpp of the llama-cpp-python sdist): bf16 and q8_0
-GGUFs of three transformers corpus models, through tests/corpus/gguf_driver.py (vocabulary "none")."""
+GGUFs of three transformers models (H 256, I 512: sizes llamafile runs), through tests/corpus/gguf_driver.py (vocabulary "none")."""
 from __future__ import annotations
 
 import subprocess
@@ -19,7 +19,7 @@ def convert(src: str, outtype: str, out: Path) -> dict:
     lc = versions.llama_cpp_dir()
     if lc is None:
         raise RuntimeError("llama.cpp converter not installed (run scripts/install-writers)")
-    sdir = build.ensure(src)
+    sdir = build.ensure(f"{src}-h256")
     f = out / f"{src}-{outtype}.gguf"
     p = subprocess.run([sys.executable, str(DRIVER), str(lc), str(sdir), "--outtype", outtype,
                         "--outfile", str(f)], capture_output=True, text=True, timeout=600)
@@ -29,11 +29,15 @@ def convert(src: str, outtype: str, out: Path) -> dict:
     rec = build.record(sdir)
     return {"writer": "llama.cpp convert_hf_to_gguf.py", "writer_version": versions.llama_cpp_version(),
             "class": rec["class"], "model_type": rec["model_type"], "format": f"gguf {outtype}",
-            "source": src, "file": f.name, "expected": rec["expected"]}
+            "source": f"{src}-h256", "file": f.name, "expected": rec["expected"]}
 
 
 def entries() -> list:
     from tests.corpus.build import Entry
 
-    return [Entry(f"gguf-{src}-{t}", "llama.cpp", lambda d, s=src, t=t: convert(s, t, d), (src,))
+    from tests.corpus import hf
+
+    out = [Entry(f"{src}-h256", "transformers", lambda d, s=src: hf.write(hf.sized(s, "h256"), d)) for src in SOURCES]
+    out += [Entry(f"gguf-{src}-{t}", "llama.cpp", lambda d, s=src, t=t: convert(s, t, d), (f"{src}-h256",))
             for src in SOURCES for t in OUTTYPES]
+    return out

@@ -186,16 +186,18 @@ def expected(spec: HFSpec, layers: list[int]) -> dict:
     ov = spec.overrides
     return {"num_experts": ov.get("n_routed_experts", EXPERTS),
             "experts_per_tok": ov.get("num_experts_per_tok", TOPK),
-            "hidden_size": HIDDEN, "moe_intermediate_size": ov.get("moe_intermediate_size", MOE_I),
+            "hidden_size": ov.get("hidden_size", HIDDEN), "moe_intermediate_size": ov.get("moe_intermediate_size", MOE_I),
             "layers": layers}
 
 
-# Sources for the quantizing writers: I = 512 so that 128-wide FP8 blocks / int4 groups split over 4 nodes.
-WIDE = {"moe_intermediate_size": 512, "intermediate_size": 512}
+# Sources for the other writers, wider than the default: I = 512 so that 128-wide FP8 blocks / int4
+# groups split over 4 nodes ("-i512"); for llama.cpp also H = 256 (llamafile needs H >= 256, I/N % 256).
+SIZES = {"i512": {"moe_intermediate_size": 512, "intermediate_size": 512},
+         "h256": {"hidden_size": 256, "moe_intermediate_size": 512, "intermediate_size": 512}}
 
 
-def wide(model_type: str) -> HFSpec:
+def sized(model_type: str, size: str) -> HFSpec:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return HFSpec(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type],
-                  {**OVERRIDES.get(model_type, {}), **WIDE}, name=f"{model_type}-i512")
+                  {**OVERRIDES.get(model_type, {}), **SIZES[size]}, name=f"{model_type}-{size}")

@@ -34,7 +34,7 @@ def quantize(src: str, scheme: str, out: Path) -> dict:
 def entries() -> list:
     from tests.corpus.build import Entry
 
-    out = [Entry(f"{src}-i512", "transformers", lambda d, s=src: hf.write(hf.wide(s), d)) for src in SOURCES]
+    out = [Entry(f"{src}-i512", "transformers", lambda d, s=src: hf.write(hf.sized(s, "i512"), d)) for src in SOURCES]
     out += [Entry(f"llmc-{src}-{sch.lower()}", "llm-compressor", lambda d, s=src, c=sch: quantize(s, c, d),
                   (f"{src}-i512",)) for src in SOURCES for sch in SCHEMES]
     return out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 WRITERS = ("transformers", "compressed-tensors", "llmcompressor", "gguf", "torch")
 # Bump when the generator's specs change (invalidates every cached model).
-GENERATOR_REV = "2"
+GENERATOR_REV = "3"
 
 
 def version(dist: str) -> str | None:
