@@ -1,7 +1,7 @@
 """Plain single-process plan executor for tests: applies a Plan's read ops to bytearrays.
 
 `execute(plan)` -> {(layer, node): bytearray of the segment}, made by applying the plan's read ops
-(ktnuma.plan.ops) as the workers would, while counting: every source byte a layer's arrays take is
+(ktnuma.plan.ops, for `io` buffered or direct) as the workers would, while counting: every source byte a layer's arrays take is
 read exactly once, no byte is read twice, every destination byte is written exactly once; the result
 must equal `execute_arrays(plan)`, which reads each record's piece on its own. Bytes never written stay
 0xEE so a gap or a short write shows up. `reference_piece(index, group, k, slice)` is the
@@ -79,7 +79,7 @@ def _taken(plan: Plan, layer: int, sizes: list[int]) -> list[np.ndarray]:
     return taken
 
 
-def execute(plan: Plan) -> dict[tuple[int, int], bytearray]:
+def execute(plan: Plan, io: str = "buffered") -> dict[tuple[int, int], bytearray]:
     segs = {(s.layer, s.node): bytearray([FILL]) * s.size for s in plan.segments}
     written = {k: np.zeros(len(v), np.uint8) for k, v in segs.items()}
     with ExitStack() as stack:
@@ -87,7 +87,7 @@ def execute(plan: Plan) -> dict[tuple[int, int], bytearray]:
         sizes = [os.fstat(fd).st_size for fd in fds]
         for layer in plan.layers:
             read = [np.zeros(n, np.uint16) for n in sizes]
-            for reader, ops in layer_ops(plan, layer).items():
+            for reader, ops in layer_ops(plan, layer, io=io).items():
                 assert (layer, reader) in segs, f"node {reader} reads layer {layer} but holds no segment"
                 for op in ops:
                     data = os.pread(fds[op.file], op.length, op.offset)

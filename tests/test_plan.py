@@ -210,8 +210,10 @@ def check_plan_bytes(index: ModelIndex, nodes, split: str) -> Plan:
     node slices of each piece tile it exactly once (whole copies for replicated pieces)."""
     p = plan(index, nodes, split)
     validate(p, index)
+    validate(p, index, io="direct")  # the read ops of --io direct: touching pieces read together
     ids = node_ids(nodes)
     segs = execute(p)
+    assert execute(p, io="direct") == segs
     groups = {_key(g): g for g in index.groups}
     parts: dict[tuple, list] = {}
     for s in p.segments:
@@ -256,8 +258,9 @@ def check_plan_bytes(index: ModelIndex, nodes, split: str) -> Plan:
                 assert stitched == whole
     # read once at any node count: a layer's ops read exactly its pieces' bytes (replicated ones once)
     for layer in p.layers:
-        read = sum(op.length for ops in layer_ops(p, layer).values() for op in ops)
-        assert read == sum(g.count * g.nbytes for g in index.groups if g.layer == layer), (layer, split, ids)
+        for io in ("buffered", "direct"):
+            read = sum(op.length for ops in layer_ops(p, layer, io=io).values() for op in ops)
+            assert read == sum(g.count * g.nbytes for g in index.groups if g.layer == layer), (layer, split, ids, io)
     check_drops(p, index)
     return p
 
@@ -668,8 +671,8 @@ def test_validate_catches_broken_read_ops(monkeypatch, fault):
 
     real = opcheck.layer_ops
 
-    def broken(p, layer):
-        ops = {n: list(v) for n, v in real(p, layer).items()}
+    def broken(p, layer, io="buffered"):
+        ops = {n: list(v) for n, v in real(p, layer, io=io).items()}
         n0 = next(iter(ops))
         op = ops[n0][0]
         if fault == "twice":

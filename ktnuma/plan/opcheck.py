@@ -72,11 +72,11 @@ def _write_ok(segs, starts, op: ReadOp, w: Write) -> bool:
     return within == r0 * a.run * w.ratio and r0 + w.rows <= a.rows
 
 
-def check_ops(plan: Plan, bad: Callable[[str], None]) -> None:
+def check_ops(plan: Plan, bad: Callable[[str], None], io: str = "buffered") -> None:
     for layer in plan.layers:
         segs = {s.node: s for s in plan.layer_segments(layer)}
         starts = {n: [a.offset for a in s.arrays] for n, s in segs.items()}
-        ops = layer_ops(plan, layer)
+        ops = layer_ops(plan, layer, io=io)
         reads: dict[int, list[tuple[int, int, int]]] = {}
         dests: dict[int, list[tuple[int, int]]] = {n: [] for n in segs}
         total = 0

@@ -82,17 +82,18 @@ def _pieces(plan: Plan, layer: int) -> list[tuple]:
     return out
 
 
-def _regions(pieces: list[tuple]) -> list[list[tuple]]:
-    """Pieces grouped where their source spans overlap (adjacent spans stay apart)."""
+def _regions(pieces: list[tuple], gather: int = 0) -> list[list[tuple]]:
+    """Pieces grouped where their source spans overlap; with `gather`, also where they touch, while
+    the region stays within `gather` bytes (few large reads: what O_DIRECT needs)."""
     out: list[list[tuple]] = []
-    end, file = -1, -1
+    start, end, file = -1, -1, -1
     for p in pieces:
-        if out and p[0] == file and p[1] < end:
+        if out and p[0] == file and (p[1] < end or (p[1] == end and p[2] - start <= gather)):
             out[-1].append(p)
             end = max(end, p[2])
         else:
             out.append([p])
-            file, end = p[0], p[2]
+            file, start, end = p[0], p[1], p[2]
     return out
 
 
@@ -148,13 +149,15 @@ def _merge(ops: list[ReadOp], chunk: int) -> list[ReadOp]:
     return out
 
 
-def layer_ops(plan: Plan, layer: int, chunk: int = CHUNK) -> dict[int, tuple[ReadOp, ...]]:
-    """Per reading node (node id -> its ops, in file order) for one layer of `plan`."""
+def layer_ops(plan: Plan, layer: int, chunk: int = CHUNK, io: str = "buffered") -> dict[int, tuple[ReadOp, ...]]:
+    """Per reading node (node id -> its ops, in file order) for one layer of `plan`. With io "direct"
+    adjacent pieces are read together up to `chunk` bytes, whichever nodes they go to (O_DIRECT has
+    no readahead: few large reads), instead of each node reading its own contiguous pieces."""
     readers = [s.node for s in plan.layer_segments(layer)]
     load = dict.fromkeys(readers, 0)
     mine: dict[int, list[ReadOp]] = {n: [] for n in readers}
     shared: list[list[ReadOp]] = []
-    for region in _regions(_pieces(plan, layer)):
+    for region in _regions(_pieces(plan, layer), chunk if io == "direct" else 0):
         ops = _chunks(region, chunk)
         nodes = {p[3] for p in region}
         if len(nodes) == 1:

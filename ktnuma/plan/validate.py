@@ -27,7 +27,7 @@ def _staged_nbytes(g: PieceGroup, shape: tuple[int, ...], ratio: int) -> int | N
     return math.prod(shape) * (g.nbytes // elems) * ratio
 
 
-def validate(plan: Plan, index: ModelIndex) -> None:
+def validate(plan: Plan, index: ModelIndex, *, io: str = "buffered") -> None:
     """Check every invariant of `plan` against `index`; raise PlanInvalid listing all problems."""
     problems: list[str] = []
     bad = problems.append
@@ -156,7 +156,7 @@ def validate(plan: Plan, index: ModelIndex) -> None:
                     bad(f"layer {layer}: piece of {g.tensors[0] if g.tensors else g.proj} at {f}:{o} not dropped")
                     break
     if not problems:  # the read ops derive from the arrays: check them on a sound plan only
-        check_ops(plan, bad)
+        check_ops(plan, bad, io)
     if problems:
         raise PlanInvalid(problems)
 

@@ -62,7 +62,7 @@ class Run:
         self.progress = progress
         self.drop_cache = drop_cache
         self.events: queue.Queue = workers.events if workers is not None else queue.Queue()
-        self.sched = Schedule(plan, layers_in_flight, stream)
+        self.sched = Schedule(plan, layers_in_flight, stream, io)
         self.sup = Supervisor(self, self.sched, retries, stall_timeout_of(stall_timeout), self._job_done, self._emit)
         self._pre = workers
         self.done: dict[int, list[SegmentResult]] = {lyr: [] for lyr in plan.layers}

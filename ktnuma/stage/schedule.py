@@ -30,8 +30,9 @@ class Job:
 
 
 class Schedule:
-    def __init__(self, plan: Plan, layers_in_flight: int, stream: bool) -> None:
+    def __init__(self, plan: Plan, layers_in_flight: int, stream: bool, io: str = "buffered") -> None:
         self.plan = plan
+        self.io = io
         self.order = list(plan.layers)
         self.pos = {lyr: i for i, lyr in enumerate(self.order)}
         self.layers_in_flight = layers_in_flight
@@ -52,7 +53,7 @@ class Schedule:
         if jobs is not None:
             return jobs
         segs = self.segs[layer]
-        ops = layer_ops(self.plan, layer)
+        ops = layer_ops(self.plan, layer, io=self.io)
         jobs = self.jobs[layer] = {n: deque() for n in segs}
         if is_cross(ops):
             for n, s in segs.items():
