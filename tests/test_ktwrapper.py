@@ -39,12 +39,16 @@ CASES = {
     "GPTQ_INT4": ("gptq-int4", 64, 64, {"group_size": 32}),
     "RAWINT4": ("rawint4", 64, 64, {"group_size": 32}),  # default pick here: AMXInt4_KGroup_MOE (copies)
     "MXFP4": ("mxfp4", 64, 64, {}),
+    "NVFP4": ("nvfp4", 64, 64, {}),
+    "MXFP8": ("mxfp8", 64, 64, {}),
     "LLAMAFILE": ("gguf:Q8_0", 256, 512, {}),
     "AMXINT4": ("amx-int4", 256, 512, {}),  # pre-sharded: .numa.{n} shards = threadpool_count
     "AMXINT8": ("amx-int8", 256, 512, {}),
 }
 # (method, threadpool_count) whose engine reads the staged memory in place (engine-facts): resident only
 IN_PLACE = {("LLAMAFILE", 1)}
+# kt-kernel's own backend switches a method needs on this CPU (same for stock and ktnuma)
+ENGINE_ENV = {"NVFP4": {"KT_MXFP4_BACKEND": "avx2"}}  # its AMX FP4 kernel has no group-16 path
 # where the stock wrapper itself dies on this 1-node machine (nothing to compare with)
 STOCK_CRASHES = {("RAWINT4", 2): "stock AMXInt4_KGroup_MOE over 2 subpools segfaults here (NUMA node 1 not found)"}
 
@@ -73,7 +77,8 @@ class Child:
         sp, out = self.tmp / f"spec{self.n}.json", self.tmp / f"out{self.n}.npz"
         sp.write_text(json.dumps(spec))
         e = {k: v for k, v in os.environ.items() if k not in ("KTNUMA_MANIFEST", "KTNUMA_STAGE", "KTNUMA_PREFETCH")}
-        e.update(PYTHONPATH=f"{self.hook}{os.pathsep}{REPO}", KT_FORCE_SYNC_SUBMIT="1", **env)
+        e.update(PYTHONPATH=f"{self.hook}{os.pathsep}{REPO}", KT_FORCE_SYNC_SUBMIT="1", **ENGINE_ENV.get(method, {}))
+        e.update(env)
         r = subprocess.run([sys.executable, str(REPO / "tests/ktwrapper_child.py"), str(sp), str(out)],
                            capture_output=True, text=True, env=e, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]

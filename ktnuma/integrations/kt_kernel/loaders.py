@@ -79,7 +79,9 @@ class NativeLoader:
         for kind in kinds:
             for proj in PROJS:
                 pieces = _by_expert(view, proj, kind, s.where)
-                out[proj if kind == "weight" else f"{proj}_scale"] = [m.view(t[i], kind) for t, i in pieces]
+                gl = s.global_scales(layer, proj) if m.globals and kind == "scale" else [None] * len(pieces)
+                out[proj if kind == "weight" else f"{proj}_scale"] = [m.view(t[i], kind, g)
+                                                                      for (t, i), g in zip(pieces, gl)]
         self._served.append(layer)
         return out
 

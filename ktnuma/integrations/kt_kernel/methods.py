@@ -27,14 +27,25 @@ from ktnuma.errors import BadInput
 from ktnuma.index.quant import family
 
 # torch dtype names the loaders hand out, by staged dtype (what the attach torch view gives)
-Viewer = Callable[[Any, str], Any]  # (torch view of one staged piece, kind) -> what upstream returns
+# (torch view of one staged piece, kind, the expert's NVFP4 global scale or None) -> what upstream returns
+Viewer = Callable[[Any, str, Any], Any]
 
 
-def _as_is(t: Any, kind: str) -> Any:
+def _as_is(t: Any, kind: str, g: Any = None) -> Any:
     return t
 
 
-def _weight_bytes(t: Any, kind: str) -> Any:
+def _fold_nvfp4(t: Any, kind: str, g: Any = None) -> Any:
+    """NVFP4 scales: bf16(f32(e4m3 block scale) * f32 global), as kt-kernel's loader folds them (a copy
+    of the scales only; the weights stay zero-copy)."""
+    if kind != "scale":
+        return t
+    import torch
+
+    return (t.to(torch.float32) * torch.tensor(g, dtype=torch.float32).reshape(())).to(torch.bfloat16).contiguous()
+
+
+def _weight_bytes(t: Any, kind: str, g: Any = None) -> Any:
     """i32 words / e4m3 bytes -> the same bytes as uint8 (RAWINT4, MXFP8 weights)."""
     if kind != "weight":
         return t
@@ -43,7 +54,7 @@ def _weight_bytes(t: Any, kind: str) -> Any:
     return t.view(torch.uint8)
 
 
-def _squeeze_channel(t: Any, kind: str) -> Any:
+def _squeeze_channel(t: Any, kind: str, g: Any = None) -> Any:
     """FP8_PERCHANNEL: an [N, 1] scale comes out as [N]."""
     if kind == "scale" and t.dim() == 2 and t.shape[1] == 1:
         return t.squeeze(1)
@@ -68,6 +79,7 @@ class Method:
     needs_amx: Callable[[Mapping[str, str]], bool] = lambda env: False  # (environment) -> engine needs AMX
     # (threadpool_count, kt_kernel.utils.amx) -> the engine kt-kernel picks keeps reading the source after load
     in_place: Callable[[int, Any], bool] = lambda tp, amx: False
+    globals: bool = False  # the view needs each expert's per-tensor global scale (NVFP4)
     amx_engine: str = ""  # the AMX-only engine, named in the refusal
 
 
@@ -83,7 +95,7 @@ METHODS: dict[str, Method] = {
         Method("GPTQ_INT4", "gptq-int4", "native", NATIVE_SPLITS),
         Method("RAWINT4", "rawint4", "native", NATIVE_SPLITS, _weight_bytes, in_place=lambda tp, amx: _rawint4_in_place(amx)),
         Method("MXFP4", "mxfp4", "native", NATIVE_SPLITS),
-        Method("NVFP4", "nvfp4", "native", NATIVE_SPLITS),
+        Method("NVFP4", "nvfp4", "native", NATIVE_SPLITS, _fold_nvfp4, globals=True),
         Method("MXFP8", "mxfp8", "native", NATIVE_SPLITS, _weight_bytes,
                needs_amx=lambda env: env.get("KT_MXFP8_BACKEND", "").strip().lower() == "amx",
                amx_engine="AMXMXFP8_KGroup_MOE (forced by KT_MXFP8_BACKEND=amx; unset it for AVX2MXFP8_MOE)"),

@@ -79,6 +79,18 @@ class Session:
     def close(self) -> None:
         pass
 
+    def global_scales(self, layer: int, proj: str) -> list[float]:
+        """NVFP4: each expert's per-tensor f32 global scale of (layer, proj), experts 0..E-1."""
+        raise NotImplementedError
+
+    def _globals_from(self, records: Any, E: int, layer: int, proj: str) -> list[float]:
+        out: list[Any] = [None] * E
+        for first, values in records:
+            out[first:first + len(values)] = [float(v) for v in values]
+        if any(v is None for v in out):
+            raise BadInput(f"{self.where}layer {layer} {proj}: NVFP4 global scales missing for some experts")
+        return out
+
     def matches(self, method: Method, pool: Pool, source: str) -> None:
         if method.name != self.method.name:
             raise BadInput(f"{self.where}serves kt-kernel method {self.method.name}; a wrapper asked for "
@@ -143,6 +155,11 @@ class Resident(Session):
         self.active = False
         self.att.close()
 
+    def global_scales(self, layer: int, proj: str) -> list[float]:
+        recs = [(r["experts"][0], r.get("global_scale", ())) for r in self.att.manifest["arrays"]
+                if r["layer"] == layer and r["proj"] == proj and r["kind"] == "scale"]
+        return self._globals_from(recs, int(self.att.config["num_experts"]), layer, proj)
+
 
 class Handoff(Session):
     kind = "handoff"
@@ -171,6 +188,7 @@ class Handoff(Session):
             self._stack.close()
             raise
         self._it = iter(self.stream)
+        self._index: Any = None  # the model's index, read only for NVFP4's global scales
         self._held: dict[int, Any] = {}
         self._last = -1
         self._pending = set(self.stream.layers)
@@ -198,6 +216,15 @@ class Handoff(Session):
                 log.warning("ktnuma: layer %d was staged but the engine asked for layer %d first; releasing "
                             "layer %d unused", staged.layer, layer, staged.layer)
                 self.stream._release(staged)
+
+    def global_scales(self, layer: int, proj: str) -> list[float]:
+        if self._index is None:
+            from ktnuma.index.experts import index_model
+
+            self._index = index_model(self.source)
+        recs = [(g.first, g.globals) for g in self._index.groups
+                if g.layer == layer and g.proj == proj and g.kind == "scale" and g.globals]
+        return self._globals_from(recs, int(self.stream.config["num_experts"]), layer, proj)
 
     def done(self, layer: int) -> None:
         with self._lock:
