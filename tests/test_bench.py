@@ -15,6 +15,7 @@ def test_raw_bound_imports_only_the_standard_library():
     assert imports <= {"json", "mmap", "os", "subprocess", "sys", "time"}, imports
 
 
+@pytest.mark.bench
 def test_quick_bench_json(tmp_path):
     pytest.importorskip("kt_kernel")
     r = subprocess.run([sys.executable, "-m", "ktnuma.bench", "--quick", "--json", "--cache", str(tmp_path)],

@@ -195,6 +195,7 @@ def test_engine_limits_are_refused_on_staged_layers(cpu, synth_model, detached):
             K.engines_for_layer(att.layer(1), cpu)
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("fmt,split", [("rawint4", "ep")])
 def test_attach_forward_script_twice_in_fresh_processes(synth_model, detached, fmt, split):
     """RAWINT4 in pointer mode reads the staged memory itself (in place); the second engine

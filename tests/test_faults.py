@@ -30,6 +30,8 @@ from conftest import SESSION_TAG, run_module
 from ktnuma.errors import VerifyFailed
 from ktnuma.host import shm
 
+pytestmark = pytest.mark.procs  # kills, stops and replaces workers and coordinators
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 TWO = os.path.join(REPO, "configs/topologies/two-node.toml")

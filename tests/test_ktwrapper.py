@@ -27,6 +27,8 @@ from conftest import REPO, run_module
 pytest.importorskip("kt_kernel")
 torch = pytest.importorskip("torch")
 
+pytestmark = pytest.mark.procs  # a fresh spawn child per case
+
 log = logging.getLogger(__name__)
 TWO = str(REPO / "configs/topologies/two-node.toml")
 PTH = REPO / "ktnuma/integrations/kt_kernel/ktnuma-kt-kernel.pth"

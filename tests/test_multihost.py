@@ -195,6 +195,7 @@ def staged_pieces(manifest: dict) -> dict[tuple[int, int, str], list[tuple[int |
     return out
 
 
+@pytest.mark.torchrun
 def test_two_hosts_stage_disjoint_shares_byte_exact(synth_model, run_registry, tmp_path):
     info = synth_model("bf16")
     hmap = tmp_path / "hosts.json"
@@ -257,6 +258,7 @@ def test_two_hosts_stage_disjoint_shares_byte_exact(synth_model, run_registry, t
     assert our_segments() == set()
 
 
+@pytest.mark.torchrun
 def test_failing_rank_aborts_every_rank(synth_model, run_registry, tmp_path):
     """Rank 1 refuses its --manifest after the plan exchange; rank 0 has staged by then and must undo it."""
     info = synth_model("bf16")
@@ -276,6 +278,7 @@ def test_failing_rank_aborts_every_rank(synth_model, run_registry, tmp_path):
     assert sorted(os.listdir(run_registry)) == []
 
 
+@pytest.mark.torchrun
 def test_killed_rank_makes_every_rank_exit_within_timeout(synth_model, run_registry, tmp_path):
     """One torchrun, two ranks; rank 1 SIGKILLs itself after staging (test hook), before `ready`."""
     info = synth_model("bf16")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.vm  # boots a qemu NUMA guest: minutes
+
 ROOT = Path(__file__).resolve().parents[1]
 VM = ROOT / "scripts" / "numa-vm"
 CANNOT_INSTALL = ("cannot install", "apt-get update failed", "apt-get download", "cannot find a linux-image")

@@ -7,7 +7,11 @@ import json
 import os
 import time
 
+import pytest
+
 from conftest import SESSION_TAG, run_module
+
+pytestmark = pytest.mark.soak  # 50 streams + 20 launch/release cycles
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO = os.path.join(REPO, "configs/topologies/two-node.toml")
