@@ -401,6 +401,8 @@ def test_fifo_as_model_file_never_blocks(tmp_path, synth_model):
     os.mkfifo(d / "model.safetensors")
     assert "not a regular file" in _one_line(run_module("inspect", str(d), timeout=30))
     assert "not a regular file" in _one_line(run_module("launch", "--topology", TWO, str(d), timeout=30))
+    os.mkfifo(tmp_path / "lone.safetensors")
+    assert "not a regular file" in _one_line(run_module("inspect", str(tmp_path / "lone.safetensors"), timeout=30))
     os.mkfifo(tmp_path / "topo.toml")
     assert "not a regular file" in _one_line(run_module("launch", "--topology", str(tmp_path / "topo.toml"),
                                                         src, timeout=30))

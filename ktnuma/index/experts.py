@@ -69,6 +69,8 @@ def _model_files(path: str) -> tuple[str, list[str]]:
     """(root dir, files) for a model path (a directory, or one .safetensors/.gguf file)."""
     if not os.path.exists(path):
         raise ModelError(f"{path}: model path does not exist")
+    if not os.path.isfile(path) and not os.path.isdir(path):
+        raise ModelError(f"{path}: not a regular file or a directory (a FIFO or device is never read)")
     if os.path.isfile(path):
         ext = os.path.splitext(path)[1]
         if ext not in _READERS:
