@@ -263,3 +263,48 @@ def test_amx_loader_output_equals_upstream_safetensor_loader(detached, synth_mod
             ours.load_experts("model.layers.1")
     finally:
         sess.close()
+
+
+def _refused(res, *phrases: str) -> None:
+    assert res["exitcode"] == 2, res.get("error") or res["stderr"][-1500:]
+    import ktnuma.errors
+
+    err = res["error"]
+    cls = getattr(ktnuma.errors, err.split(":", 1)[0], None)
+    assert cls is not None and issubclass(cls, ktnuma.errors.BadInput) and "\n" not in err, err
+    for p in phrases:
+        assert p in err, err
+
+
+def test_refusals_through_the_real_wrapper_are_one_line_and_leave_nothing(child, detached, synth_model, tmp_path):
+    bf16 = _model(synth_model, "BF16")
+    man = detached(bf16.path, "tp", 1)
+    # method / format mismatch, resident and handoff
+    _refused(child("FP8", bf16.path, bf16, 1, KTNUMA_MANIFEST=man), "holds format bf16", "--kt-method BF16")
+    _refused(child("FP8", bf16.path, bf16, 1, KTNUMA_STAGE="1"), "holds format bf16", "--kt-method BF16")
+    # nodes: a one-node run for a two-subpool pool
+    _refused(child("BF16", bf16.path, bf16, 2, KTNUMA_MANIFEST=man), "1 node(s)", "threadpool_count 2")
+    # a sliced tp run for a native method: the split to use
+    man_tp = detached(bf16.path, "tp", 2)
+    _refused(child("BF16", bf16.path, bf16, 2, KTNUMA_MANIFEST=man_tp), "--split tp run over 2 nodes",
+             "--split ep")
+    # the wrapper's model is not the run's
+    other = _model(synth_model, "MXFP4")
+    _refused(child("BF16", other.path, bf16, 1, KTNUMA_MANIFEST=man), "the run staged", "weight_path is")
+    # AMX: shard count != threadpool_count (upstream would index out of bounds)
+    amx = _model(synth_model, "AMXINT4", 2)
+    man_amx = detached(amx.path, "tp", 2)
+    _refused(child("AMXINT4", amx.path, amx, 1, KTNUMA_MANIFEST=man_amx), "2 node(s)", "threadpool_count 1")
+    _refused(child("AMXINT4", amx.path, amx, 1, KTNUMA_STAGE="1"), "2 .numa shards")
+    # FP8_PERCHANNEL runs only on an AMX engine: refused on this CPU before any weight moves
+    ch = synth_model("fp8-channel", hidden=128, intermediate=256, experts=E, experts_per_tok=TOPK)
+    chi = _Info(ch, 128, 256)
+    _refused(child("FP8_PERCHANNEL", ch.path, chi, 1, KTNUMA_STAGE="1"), "needs AMX")
+    # experts missing for a layer the engine builds
+    man_l1 = str(tmp_path / "l1.json")
+    r = run_module("launch", bf16.path, "--nodes", "1", "--layers", "1", "--detach", "--quiet", "--manifest", man_l1)
+    assert r.returncode == 0, r.stderr
+    try:
+        _refused(child("BF16", bf16.path, bf16, 1, KTNUMA_MANIFEST=man_l1), "no experts staged for layer 2")
+    finally:
+        run_module("release", man_l1)
