@@ -93,12 +93,23 @@ def _check_manifest(man: dict, rec: dict, src, split: str, nodes: int) -> int:
         first, count = a["experts"]
         for e in range(first, first + count):
             got = _read(man["shm_dir"], a["segment"], a["offset"] + (e - first) * a["stride"], a["nbytes"])
-            want = oracle.expected(src, src.piece(L, e, proj, kind), a, L, proj)
+            piece = src.piece(L, e, proj, kind)
+            want = oracle.expected(src, piece, a, L, proj)
             assert len(want) == a["nbytes"], f"L{L} e{e} {proj} {kind}: record {a['nbytes']} B, oracle {len(want)} B"
             assert got == want, f"L{L} e{e} {proj} {kind} node {a['node']} slice {a['slice']}: bytes differ"
             compared += len(got)
             sl = a["slice"]
-            seen.setdefault((L, e, proj, kind), []).append(None if sl is None else (sl["dim"], sl["start"], sl["stop"]))
+            if sl is None:
+                seen.setdefault((L, e, proj, kind), []).append(None)
+                continue
+            staged = oracle.oriented(piece, a)  # as the record declares it (table orientation or stored)
+            i_dim = (0 if proj in ("gate", "up") else 1) ^ (staged.shape != piece.shape)
+            assert sl["dim"] == i_dim, f"L{L} e{e} {proj} {kind}: tp slice on dim {sl['dim']}, I is dim {i_dim}"
+            ext = staged.shape[i_dim]
+            if isinstance(src, oracle.GGUFSource) and i_dim == 1:
+                wpb, bpb = src.block(L, proj)
+                ext = ext // bpb * wpb
+            seen.setdefault((L, e, proj, kind), []).append((sl["start"], sl["stop"], ext))
     kinds = ("weight", "scale") if src.has(exp["layers"][0], 0, "gate", "scale") else ("weight",)
     for L in exp["layers"]:
         for e in range(E):
@@ -109,12 +120,8 @@ def _check_manifest(man: dict, rec: dict, src, split: str, nodes: int) -> int:
                     if split == "ep" or None in parts:
                         assert parts == [None], f"L{L} e{e} {proj} {kind}: staged {len(parts)} times under {split}"
                         continue
-                    dims = {p[0] for p in parts}
-                    ext = src.piece(L, e, proj, kind).shape[dims.pop()]
-                    if isinstance(src, oracle.GGUFSource) and next(iter(parts))[0] == 1:
-                        wpb, bpb = src.block(L, proj)
-                        ext = ext // bpb * wpb
-                    spans = sorted(p[1:] for p in parts)
+                    ext = parts[0][2]
+                    spans = sorted(p[:2] for p in parts)
                     assert spans[0][0] == 0 and spans[-1][1] == ext and all(
                         a[1] == b[0] for a, b in zip(spans, spans[1:])), f"L{L} e{e} {proj} {kind}: slices {spans}"
     assert {a["layer"] for a in man["arrays"]} == set(exp["layers"])

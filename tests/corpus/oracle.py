@@ -138,10 +138,29 @@ def bf16_to_f32(a: np.ndarray) -> np.ndarray:
     return (a.astype(np.uint32) << 16).view(np.float32)
 
 
+def oriented(piece: np.ndarray, rec: dict) -> np.ndarray:
+    """The piece in the orientation the record declares: the formats table's ([I, H] gate/up, [H, I]
+    down) or, for a checkpoint stored transposed and staged as stored (gpt-oss), its transpose. The
+    record's shape (with the sliced dim's extent left open) must match one of the two, nothing else."""
+    if piece.ndim != 2 or piece.shape[0] == piece.shape[1]:
+        return piece
+    shape, sl = list(rec["shape"]), rec.get("slice")
+    if rec.get("dtype", "").startswith("gguf:"):
+        return piece
+
+    def fits(s: tuple) -> bool:
+        return all(a == b for i, (a, b) in enumerate(zip(s, shape)) if sl is None or i != sl["dim"])
+
+    if fits(piece.shape):
+        return piece
+    assert fits(piece.shape[::-1]), f"record shape {shape} fits neither {list(piece.shape)} nor its transpose"
+    return np.ascontiguousarray(piece.T)
+
+
 def expected(src, piece: np.ndarray, rec: dict, layer: int, proj: str) -> bytes:
     """The bytes the manifest record should hold for this source piece: slice, then conversion."""
     sl = rec.get("slice")
-    p = piece
+    p = oriented(piece, rec)
     if sl is not None:
         a, b = sl["start"], sl["stop"]
         if isinstance(src, GGUFSource) and sl["dim"] == 1:  # weights along a row -> bytes
@@ -149,7 +168,7 @@ def expected(src, piece: np.ndarray, rec: dict, layer: int, proj: str) -> bytes:
             assert a % wpb == 0 and b % wpb == 0, f"slice {sl} not on {wpb}-weight blocks"
             a, b = a // wpb * bpb, b // wpb * bpb
         p = p[a:b] if sl["dim"] == 0 else p[:, a:b]
-    if rec["dtype"] == "f32" and p.dtype == np.uint16:  # bf16 scale staged as exact f32
+    if rec["dtype"] == "f32" and p.dtype == np.uint16:  # bf16 staged as exact f32 (scales, gpt-oss gate/up)
         p = bf16_to_f32(p)
     return np.ascontiguousarray(p).tobytes()
 
