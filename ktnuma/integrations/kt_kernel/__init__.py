@@ -27,18 +27,27 @@ each of width I/N on that node's slices (`EngineSpec.split(n)`), and the outputs
 """
 from __future__ import annotations
 
-from __future__ import annotations
+from importlib import import_module
+from typing import Any
 
-from ktnuma.index.model import KINDS, PROJS
-from ktnuma.integrations.kt_kernel.backends import (BACKENDS, DEFAULT_MAX_LEN, LLAMAFILE_QK, MODES, MXFP4_GROUP,
-                                                    Backend, EngineSpec, backend_for, check_engine_limits,
-                                                    copies_at_load)
-from ktnuma.integrations.kt_kernel.engine import (LoadedMoE, available, build_moe, forward, make_cpuinfer,
-                                                  merge_node_rows)
-from ktnuma.integrations.kt_kernel.layers import (GROUP_DIM, LayerEngines, check_layer, engines_for_layer,
-                                                  layer_reference, random_tokens, self_check, spec_for_layer)
+# public name -> submodule: imported on first use, so the .pth hook (activate) and ktnuma's workers,
+# which inherit the activation variables, import none of this at start-up
+_WHERE = {
+    **dict.fromkeys(("BACKENDS", "DEFAULT_MAX_LEN", "LLAMAFILE_QK", "MODES", "MXFP4_GROUP", "Backend", "EngineSpec",
+                     "backend_for", "check_engine_limits", "copies_at_load"), "backends"),
+    **dict.fromkeys(("LoadedMoE", "available", "build_moe", "forward", "make_cpuinfer", "merge_node_rows"), "engine"),
+    **dict.fromkeys(("GROUP_DIM", "LayerEngines", "check_layer", "engines_for_layer", "layer_reference",
+                     "random_tokens", "self_check", "spec_for_layer"), "layers"),
+    **dict.fromkeys(("KINDS", "PROJS"), "ktnuma.index.model"),
+}
+__all__ = sorted(_WHERE)
 
-__all__ = ["BACKENDS", "DEFAULT_MAX_LEN", "GROUP_DIM", "KINDS", "LLAMAFILE_QK", "MODES", "MXFP4_GROUP", "PROJS",
-           "Backend", "EngineSpec", "LayerEngines", "LoadedMoE", "available", "backend_for", "build_moe",
-           "check_engine_limits", "check_layer", "copies_at_load", "engines_for_layer", "forward",
-           "layer_reference", "make_cpuinfer", "merge_node_rows", "random_tokens", "self_check", "spec_for_layer"]
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    mod = import_module(where if "." in where else f"{__name__}.{where}")
+    value = getattr(mod, name)
+    globals()[name] = value
+    return value
