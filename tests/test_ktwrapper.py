@@ -1,5 +1,5 @@
 """The kt-kernel drop-in through the real, unmodified `kt_kernel.KTMoEWrapper`, in a multiprocessing
-`spawn` child as SGLang's scheduler is (tests/ktwrapper_child.py), activated only by the environment
+`spawn` child as SGLang's scheduler is (ktnuma/tools/ktwrapper_child.py), activated only by the environment
 and the package's .pth line (processed here through a sitecustomize that adds the .pth's directory as a
 site dir, as site-packages would be).
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +30,6 @@ pytestmark = pytest.mark.procs  # a fresh spawn child per case
 
 log = logging.getLogger(__name__)
 TWO = str(REPO / "configs/topologies/two-node.toml")
-PTH = REPO / "ktnuma/integrations/kt_kernel/ktnuma-kt-kernel.pth"
 E, TOPK = 8, 2
 
 # method -> (ktnuma format, hidden, intermediate, synth extras): smallest shapes that also split in two
@@ -58,15 +56,13 @@ STOCK_CRASHES = {("RAWINT4", 2): "stock AMXInt4_KGroup_MOE over 2 subpools segfa
 @pytest.fixture(scope="session")
 def hook_site(tmp_path_factory) -> Path:
     """A directory whose sitecustomize adds a site dir holding the package's .pth (what pip installs)."""
-    d = tmp_path_factory.mktemp("hook")
-    (d / "site").mkdir()
-    shutil.copy(PTH, d / "site" / PTH.name)
-    (d / "sitecustomize.py").write_text(f"import site\nsite.addsitedir({str(d / 'site')!r})\n")
-    return d
+    from ktnuma.tools.ktwrapper_child import make_hook_site
+
+    return Path(make_hook_site(str(tmp_path_factory.mktemp("hook"))))
 
 
 class Child:
-    """Runs tests/ktwrapper_child.py with the hook on the path; env vars per call."""
+    """Runs ktnuma.tools.ktwrapper_child with the hook on the path; env vars per call."""
 
     def __init__(self, hook: Path, tmp: Path) -> None:
         self.hook, self.tmp, self.n = hook, tmp, 0
@@ -81,7 +77,7 @@ class Child:
         e = {k: v for k, v in os.environ.items() if k not in ("KTNUMA_MANIFEST", "KTNUMA_STAGE", "KTNUMA_PREFETCH")}
         e.update(PYTHONPATH=f"{self.hook}{os.pathsep}{REPO}", KT_FORCE_SYNC_SUBMIT="1", **ENGINE_ENV.get(method, {}))
         e.update(env)
-        r = subprocess.run([sys.executable, str(REPO / "tests/ktwrapper_child.py"), str(sp), str(out)],
+        r = subprocess.run([sys.executable, "-m", "ktnuma.tools.ktwrapper_child", str(sp), str(out)],
                            capture_output=True, text=True, env=e, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -168,7 +164,7 @@ def test_wrapper_output_is_bit_identical_resident_and_handoff(child, detached, s
 
 
 def _tokens(info, layers, seed: int = 1, q: int = 12):
-    """The child's tokens (same generator sequence as tests/ktwrapper_child.py)."""
+    """The child's tokens (same generator sequence as ktnuma.tools.ktwrapper_child)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for L in layers:
@@ -212,7 +208,7 @@ def test_rawint4_in_place_engine_crashes_stock_and_runs_on_resident_segments(chi
     """AVX2RawInt4_MOE keeps reading the source after load: the stock wrapper has released its mmap by
     then (SIGSEGV); ktnuma's segments outlive the load, and a second process reuses them unread."""
     from ktnuma.tools import reference as R
-    from ktwrapper_child import cached_bytes
+    from ktnuma.tools.ktwrapper_child import cached_bytes
 
     info = _model(synth_model, "RAWINT4")
     avx2 = {"KT_RAWINT4_BACKEND": "avx2"}

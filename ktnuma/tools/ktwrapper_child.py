@@ -1,15 +1,16 @@
-"""An SGLang-like kt-kernel consumer for tests/test_ktwrapper*.py and the bench case.
+"""An SGLang-like kt-kernel consumer for tests/test_ktwrapper.py and the ktwrapper bench cases (dev tool).
 
-    python tests/ktwrapper_child.py SPEC.json RESULT.npz
+    python -m ktnuma.tools.ktwrapper_child SPEC.json RESULT.npz
 
 starts a multiprocessing `spawn` child (as SGLang starts its scheduler) that builds one unmodified
 `kt_kernel.KTMoEWrapper` per MoE layer (ascending), then calls `load_weights` on each in order, then
 `forward` on fixed tokens, and saves every layer's output bits, the load time and the peak of
 (anonymous RSS + the session's ktnuma segments in /dev/shm) sampled during the load. The parent prints one
 JSON line: {"exitcode": ..., "error": one line or null}. ktnuma is active in the child only through the
-environment (KTNUMA_MANIFEST / KTNUMA_STAGE) and the installed .pth hook; this file never imports ktnuma.
+environment (KTNUMA_MANIFEST / KTNUMA_STAGE) and the installed .pth hook; this module imports nothing of
+ktnuma's runtime.
 
-Tests-only shim: CPU-only torch refuses `pin_memory=True`, which KTMoEWrapper asks for; the child drops
+Tests/bench-only shim: CPU-only torch refuses `pin_memory=True`, which KTMoEWrapper asks for; the child drops
 that argument from torch.zeros/empty/full (the product never does this).
 """
 from __future__ import annotations
@@ -20,6 +21,24 @@ import os
 import sys
 import threading
 import time
+
+
+PTH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "integrations", "kt_kernel",
+                   "ktnuma-kt-kernel.pth")
+
+
+def make_hook_site(d: str) -> str:
+    """Where ktnuma is not pip-installed (this dev tree): a directory to put first on PYTHONPATH whose
+    sitecustomize adds a site dir holding the package's .pth, so child processes run its line exactly as
+    site-packages would. Returns the directory."""
+    import shutil
+
+    site_dir = os.path.join(d, "site")
+    os.makedirs(site_dir, exist_ok=True)
+    shutil.copy(PTH, os.path.join(site_dir, os.path.basename(PTH)))
+    with open(os.path.join(d, "sitecustomize.py"), "w") as f:
+        f.write(f"import site\nsite.addsitedir({site_dir!r})\n")
+    return d
 
 
 def _shim_pin_memory(torch) -> None:
@@ -154,7 +173,7 @@ def main(argv: list[str]) -> int:
     p.join()
     err = open(out + ".err").read() if os.path.exists(out + ".err") else None
     print(json.dumps({"exitcode": p.exitcode, "error": err}))
-    return 0
+    return 1 if "--strict" in argv[2:] and p.exitcode != 0 else 0
 
 
 if __name__ == "__main__":
