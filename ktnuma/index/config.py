@@ -22,7 +22,8 @@ CONFIG_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
         "gguf": ("{arch}.expert_count",),
     },
     "experts_per_tok": {
-        "json": ("num_experts_per_tok", "moe_topk", "n_activated_experts", "num_activated_experts"),
+        "json": ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "n_activated_experts",
+                 "num_activated_experts"),
         "gguf": ("{arch}.expert_used_count",),
     },
     "hidden_size": {

@@ -39,6 +39,9 @@ NAMING_RULES: tuple[NamingRule, ...] = (
     NamingRule("deepseek", re.compile(_LAYER + r"\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)" + _SUFFIX), _DS),
     NamingRule("mixtral", re.compile(_LAYER + r"\.block_sparse_moe\.experts\.(?P<expert>\d+)\.(?P<proj>w[123])" + _SUFFIX), _W),
     NamingRule("v4flash", re.compile(_LAYER + r"\.ffn\.experts\.(?P<expert>\d+)\.(?P<proj>w[123])" + _SUFFIX), _W),
+    NamingRule("jamba", re.compile(_LAYER + r"\.feed_forward\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)" + _SUFFIX), _DS),
+    NamingRule("lfm2", re.compile(_LAYER + r"\.feed_forward\.experts\.(?P<expert>\d+)\.(?P<proj>w[123])" + _SUFFIX), _W),
+    NamingRule("nemotron-h", re.compile(r"^backbone\.layers\.(?P<layer>\d+)\.mixer\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)" + _SUFFIX), _DS),
     NamingRule("mistral", re.compile(_LAYER + r"\.experts\.(?P<expert>\d+)\.(?P<proj>w[123])" + _SUFFIX), _W),
     # stacked [E, ...] tensors: Qwen3.5 packed and gpt-oss (told apart by shape), GraniteMoeSWA, Granite/JetMoe
     NamingRule("packed", re.compile(_LAYER + r"\.mlp\.experts\.(?P<proj>gate_up|down)_proj(?:_(?P<suffix>bias|blocks|scales))?$"), _GU, "stacked"),

@@ -7,17 +7,11 @@ from __future__ import annotations
 import os
 
 PENDING: dict[str, str] = {
-    "bailing_hybrid": "experts_per_tok from config key num_experts_per_token",
-    "kimi_linear": "experts_per_tok from config key num_experts_per_token",
-    "ernie4_5_moe": "experts_per_tok from config key moe_k",
-    "jamba": "naming feed_forward.experts.{e}.{gate,up,down}_proj",
-    "lfm2_moe": "naming feed_forward.experts.{e}.{w1,w3,w2}",
     "gpt_oss": ("stages byte-exact (stored orientation, gate/up de-interleaved as f32 [H, I]) but kt-kernel's "
                 "AVX2BF16 integration refuses those pieces (it takes bf16 [I, H])"),
     "llama4_text": "feed_forward.experts.gate_up_proj [E,H,2I] (gate = first I columns) + down_proj [E,I,H]",
     "aria_text": "mlp.experts.fc1 [E,H,2I] (gate = first I columns) + fc2 [E,I,H]",
     "inkling2_text": "model.llm.layers prefix, w13_weight [E,2I,H] gate/up interleaved by rows + w2_weight",
-    "nemotron_h": "refusal naming un-gated experts (up/down only, relu2): no engine here runs them",
 }
 
 

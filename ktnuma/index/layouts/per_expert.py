@@ -6,7 +6,7 @@ import math
 import struct
 from dataclasses import replace
 
-from ktnuma.errors import ConfigMismatch, ModelError
+from ktnuma.errors import ConfigMismatch, ModelError, UnsupportedQuantization
 from ktnuma.index.layouts.common import Context, group, resolve_dims, stored_shape
 from ktnuma.index.model import PROJS, ModelIndex, PieceGroup
 from ktnuma.index.quant import Dims, down_dims
@@ -23,6 +23,11 @@ def build(ctx: Context) -> ModelIndex:
     if fmt.scales and not ctx.scale_suffixes:
         raise ModelError(f"{ctx.root}: {fmt.name} expert weights found but no scales "
                          f"(expected suffix {' or '.join(sorted(fmt.scale_suffixes))})")
+    if not any(key[1] == "gate" for key in ctx.table):
+        example = next(iter(next(iter(ctx.table.values())).values()))
+        raise UnsupportedQuantization(
+            f"{ctx.root}: routed experts have up and down projections but no gate (un-gated experts, e.g. "
+            f"Nemotron-H's relu2 MLP; tensors look like {example.name!r}): no engine here runs non-gated experts")
     notes = ctx.drop_zero_experts()
     if fmt.global_suffix:
         kinds_checked = kinds + ("global",)
