@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         d = build.ensure(key)
         rec = build.record(d)
         r = res.get(key, {})
-        if key in PENDING and not r:
+        if key in PENDING:
             target = d / rec["file"] if "file" in rec else d
             verdict = findings.inspect(target).replace(str(d) + "/", "").replace(str(d), key)
             result = f"gap ({PENDING[key]}); inspect today: {verdict}"
