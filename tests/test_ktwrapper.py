@@ -304,3 +304,35 @@ def test_refusals_through_the_real_wrapper_are_one_line_and_leave_nothing(child,
         _refused(child("BF16", bf16.path, bf16, 1, KTNUMA_MANIFEST=man_l1), "no experts staged for layer 2")
     finally:
         run_module("release", man_l1)
+
+
+def test_handoff_peak_is_at_most_the_stock_peak(child, synth_model):
+    """Peak of (anon RSS + the run's segments + the model's page cache) during a whole-model load from a
+    cold cache: the handoff holds the engine's copy plus a one-layer window; the stock loader the copy
+    plus the model's pages it mapped. No segment is left after load."""
+    info = synth_model("bf16", hidden=512, intermediate=512, experts=E, experts_per_tok=TOPK, layers=6)
+    m = _Info(info, 512, 512)
+    _drop_cache(info.files)
+    stock = child("BF16", info.path, m, 1)
+    _drop_cache(info.files)
+    ho = child("BF16", info.path, m, 1, KTNUMA_STAGE="1")
+    assert stock["exitcode"] == 0 and ho["exitcode"] == 0, (stock.get("error"), ho.get("error"))
+    _same(stock["out"], ho["out"])
+    log.info("peak: stock %.1f MB, handoff %.1f MB (staged %.1f MB)", stock["peak"] / 2**20, ho["peak"] / 2**20,
+             info.staged_nbytes / 2**20)
+    assert ho["peak"] <= stock["peak"], (ho["peak"], stock["peak"])
+    assert ho["shm_after"] == 0
+
+
+def test_the_pth_line_is_inert_unless_a_variable_is_set(hook_site):
+    code = "import sys; print(sorted(m for m in sys.modules if m.startswith('ktnuma')))"
+    base = {k: v for k, v in os.environ.items() if k not in ("KTNUMA_MANIFEST", "KTNUMA_STAGE")}
+    base["PYTHONPATH"] = f"{hook_site}{os.pathsep}{REPO}"
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=base, timeout=60)
+    assert off.stdout.strip() == "[]", off.stderr
+    on = subprocess.run([sys.executable, "-c", code + "; print(any(type(f).__name__ == '_Finder' for f in "
+                         "sys.meta_path))"], capture_output=True, text=True, env={**base, "KTNUMA_STAGE": "1"},
+                        timeout=60)
+    mods, finder = on.stdout.strip().splitlines()
+    assert "ktnuma.integrations.kt_kernel.activate" in mods and finder == "True", on.stderr
+    assert "ktnuma.integrations.kt_kernel.backends" not in mods  # nothing heavy until kt_kernel is imported
