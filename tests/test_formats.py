@@ -8,6 +8,8 @@ safetensors headers itself and applies each format's documented staging rule wit
 - FP8 block with bf16 `weight_scale` (llm-compressor FP8_BLOCK): scales exactly converted to f32;
 - gpt-oss `gate_up_proj` [E, H, 2I] interleaved: gate = even columns, up = odd, [H, I] pieces; down [I, H];
 - Granite / GraniteMoeSWA / JetMoe stacked [E, 2I, H] gate-then-up + [E, H, I];
+- Inkling2 `model.llm.layers.{L}.mlp.experts.w13_weight` [E, 2I, H], gate = even rows, up = odd (as stored,
+  gathered row by row) + `w2_weight` [E, H, I];
 - LongCat zero-expert slots (gate/up, no down): only the config's routed experts.
 """
 from __future__ import annotations
@@ -81,6 +83,8 @@ def _stacked(gu: str, dn: str, order: str):
         g = ts[gu.format(L=layer)][e]
         if order == "gpt-oss":  # [H, 2I]: gate = even columns, up = odd, staged exactly as f32
             return _bf16_to_f32_bytes(g[:, 0::2] if proj == "gate" else g[:, 1::2])
+        if order == "rows":  # [2I, H]: gate = even rows, up = odd, as stored
+            return g[0::2] if proj == "gate" else g[1::2]
         i = g.shape[0] // 2  # [2I, H]: gate rows then up rows
         return g[:i] if proj == "gate" else g[i:]
     return piece
@@ -108,6 +112,9 @@ CASES = {
     "jetmoe": ("bf16", {"naming": "jetmoe"},
                _stacked("model.layers.{L}.mlp.input_linear.weight", "model.layers.{L}.mlp.output_linear.weight",
                         "concat"), {}),
+    "inkling2": ("bf16", {"naming": "inkling2"},
+                 _stacked("model.llm.layers.{L}.mlp.experts.w13_weight", "model.llm.layers.{L}.mlp.experts.w2_weight",
+                          "rows"), {}),
     "zero-experts": ("bf16", {"variant": "zero-experts"}, _per_expert(DS, {"weight": "weight"}), {}),
 }
 
@@ -173,6 +180,9 @@ def test_launch_stages_format_byte_exact(case, split, nodes, synth_model, run_re
                     assert rec["global_scale"] == want and all(math.isfinite(v) for v in want)
         if case == "gpt-oss":
             assert m["model"]["naming"] == "gpt-oss" and "not staged" in notes["biases"]
+        if case == "inkling2":
+            assert m["model"]["naming"] == "inkling2" and "even rows" in notes["layout"]
+            assert {rec["dtype"] for rec in m["arrays"]} == {"bf16"}
         if case == "zero-experts":
             assert "8-11" in notes["zero_experts"] and "zero_expert_num = 4" in notes["zero_experts"]
         if case == "fp8-bf16-scale":

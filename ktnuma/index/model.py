@@ -49,7 +49,8 @@ class PieceGroup:
     packed in int32 along I, 2 for mxfp4 bytes, 128 for fp8 block scales, gs for group
     scales, 1 otherwise); `unit_note` names that unit for error messages.
     `conversion` names a CONVERSIONS entry applied while staging (None: bytes as stored),
-    `staged_dtype` is the dtype after it.
+    `staged_dtype` is the dtype after it. `row_stride` (strided pieces: a chunk or a row
+    interleave of a stacked tensor) is the stored distance between rows of `row_bytes` each.
     """
 
     layer: int
@@ -71,6 +72,16 @@ class PieceGroup:
     first: int = 0  # expert number of position 0
     shard: int | None = None  # amx pre-sharded: the `.numa.{n}` shard of this group
     globals: tuple[float, ...] | None = None  # NVFP4: each piece's per-tensor f32 scale (manifest global_scale)
+    row_stride: int = 0  # stored bytes from one row to the next when the rows are not contiguous (0: row_bytes)
+
+    @property
+    def strided(self) -> bool:
+        return self.row_stride not in (0, self.row_bytes)
+
+    @property
+    def span(self) -> int:
+        """Source bytes from a piece's offset to the end of its last row."""
+        return (self.rows - 1) * self.row_stride + self.row_bytes if self.strided else self.nbytes
 
     @property
     def count(self) -> int:

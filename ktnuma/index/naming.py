@@ -12,12 +12,13 @@ from ktnuma.errors import ModelError, UnsupportedQuantization
 from ktnuma.index.model import TensorExtent
 from ktnuma.index.quant import FORMATS
 
-_LAYER = r"^(?:model\.language_model\.|language_model\.model\.|model\.)?layers\.(?P<layer>\d+)"
+_LAYER = r"^(?:model\.language_model\.|language_model\.model\.|model\.llm\.|model\.)?layers\.(?P<layer>\d+)"
 _SUFFIX = r"\.(?P<suffix>[A-Za-z_][A-Za-z_0-9]*)$"
 _DS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 _W = {"w1": "gate", "w3": "up", "w2": "down"}
 _GG = {"gate": "gate", "up": "up", "down": "down"}
 _GU = {"gate_up": "gate_up", "down": "down"}
+_W13 = {"w13": "gate_up", "w2": "down"}  # Inkling2
 _IO = {"input": "gate_up", "output": "down"}  # Granite/JetMoe input_linear = gate and up, output_linear = down
 
 
@@ -48,6 +49,8 @@ NAMING_RULES: tuple[NamingRule, ...] = (
     NamingRule("granite-swa", re.compile(_LAYER + r"\.block_sparse_moe\.experts\.(?P<proj>gate_up|down)_proj$"), _GU, "stacked"),
     NamingRule("granite", re.compile(_LAYER + r"\.block_sparse_moe\.(?P<proj>input|output)_linear\.(?P<suffix>weight)$"), _IO, "stacked"),
     NamingRule("jetmoe", re.compile(_LAYER + r"\.mlp\.(?P<proj>input|output)_linear\.(?P<suffix>weight)$"), _IO, "stacked"),
+    # stacked, storage order fixed by the model family (layouts/stacked.ORDER_OF_NAMING)
+    NamingRule("inkling2", re.compile(_LAYER + r"\.mlp\.experts\.(?P<proj>w13|w2)_(?P<suffix>weight)$"), _W13, "stacked"),
     NamingRule("amx", re.compile(r"^blk\.(?P<layer>\d+)\.ffn_(?P<proj>gate|up|down)_exps\.(?P<expert>\d+)\.numa\.(?P<shard>\d+)" + _SUFFIX), _GG, "amx"),
     NamingRule("gguf", re.compile(r"^blk\.(?P<layer>\d+)\.ffn_(?P<proj>gate|up|down)_exps\.(?P<suffix>weight)$"), _GG, "gguf", ".gguf"),
 )

@@ -83,31 +83,37 @@ def check_shards(index: ModelIndex, n_nodes: int, split: str, *, allowed: bool) 
 
 
 def whole(g: PieceGroup) -> Geometry:
-    """The whole piece, one contiguous run (slice null)."""
+    """The whole piece, one contiguous run (slice null); a strided piece row by row."""
+    if g.strided:
+        return None, g.shape, 0, g.rows, g.row_bytes, g.row_stride
     return None, g.shape, 0, 1, g.nbytes, g.nbytes
 
 
 @lru_cache(maxsize=4096)
 def _cut(shape: tuple[int, ...], nbytes: int, i_dim: int, i_unit: int, quantum: int, qb: int,
-         pos: int, n: int, big_i: int) -> Geometry:
+         pos: int, n: int, big_i: int, row_stride: int = 0) -> Geometry:
     i_tp = big_i // n
     dim_n = shape[i_dim]
     start = pos * i_tp // i_unit
     stop = dim_n if pos == n - 1 else (pos + 1) * i_tp // i_unit
     rows = shape[0]
     row_bytes = nbytes // rows
+    stride = row_stride or row_bytes
+    if i_dim == 0 and stride != row_bytes:  # strided rows: gathered one by one
+        return (0, start, stop), (stop - start, *shape[1:]), start * stride, stop - start, row_bytes, stride
     if i_dim == 0:
         run = (stop - start) * row_bytes
         return (0, start, stop), (stop - start, *shape[1:]), start * row_bytes, 1, run, run
     return ((1, start, stop), (rows, stop - start), start // quantum * qb, rows,
-            (stop - start) // quantum * qb, row_bytes)
+            (stop - start) // quantum * qb, stride)
 
 
 def i_cut(g: PieceGroup, pos: int, n: int, big_i: int) -> Geometry:
     """Node `pos` of `n`'s 1/n of g along its I dim (the whole piece if I-independent or n == 1)."""
     if g.i_dim is None or n == 1:
         return whole(g)
-    return _cut(g.shape, g.nbytes, g.i_dim, g.i_unit, g.quantum, quantum_bytes(g), pos, n, big_i)
+    return _cut(g.shape, g.nbytes, g.i_dim, g.i_unit, g.quantum, quantum_bytes(g), pos, n, big_i,
+                g.row_stride if g.strided else 0)
 
 
 def _shift(offsets: tuple[int, ...], delta: int) -> tuple[int, ...]:

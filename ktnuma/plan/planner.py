@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def _drops(groups: Iterable[PieceGroup]) -> tuple[DropRange, ...]:
     spans: list[tuple[int, int, int]] = []
     for g in groups:
-        nb = g.nbytes
+        nb = g.span
         spans.extend(zip(g.files, g.offsets, [o + nb for o in g.offsets]))
     spans.sort()
     out: list[DropRange] = []

@@ -87,7 +87,7 @@ def validate(plan: Plan, index: ModelIndex, *, io: str = "buffered") -> None:
             # the read geometry must be exactly what the record's slice names
             if a.slice is None:
                 cut = (0, 1) if g.i_dim is None else (0, g.shape[g.i_dim])
-                want = (0, 1, g.nbytes, g.nbytes)
+                want = (0, g.rows, g.row_bytes, g.row_stride) if g.strided else (0, 1, g.nbytes, g.nbytes)
             else:
                 dim, start, stop = a.slice
                 if g.i_dim is None or dim != g.i_dim or not 0 <= start < stop <= g.shape[dim]:
@@ -96,13 +96,17 @@ def validate(plan: Plan, index: ModelIndex, *, io: str = "buffered") -> None:
                 cut = (start, stop)
                 if dim == 0:
                     rb = g.row_bytes
-                    want = (start * rb, 1, (stop - start) * rb, (stop - start) * rb)
+                    if g.strided:
+                        want = (start * g.row_stride, stop - start, rb, g.row_stride)
+                    else:
+                        want = (start * rb, 1, (stop - start) * rb, (stop - start) * rb)
                 else:
                     qb = quantum_bytes(g)
                     if start % g.quantum or stop % g.quantum:
                         bad(f"{at}: slice {a.slice} cuts through {g.quantum}-wide blocks")
                         continue
-                    want = (start // g.quantum * qb, g.rows, (stop - start) // g.quantum * qb, g.row_bytes)
+                    want = (start // g.quantum * qb, g.rows, (stop - start) // g.quantum * qb,
+                            g.row_stride if g.strided else g.row_bytes)
             delta, rows, run, src_stride = want
             if (a.rows, a.run) != (rows, run) or (rows > 1 and a.src_stride != src_stride):
                 bad(f"{at}: reads {a.rows}x{a.run}/{a.src_stride}, slice needs {rows}x{run}/{src_stride}")
@@ -152,7 +156,7 @@ def validate(plan: Plan, index: ModelIndex, *, io: str = "buffered") -> None:
             if g.layer != layer:
                 continue
             for f, o in zip(g.files, g.offsets):
-                if not any(s0 <= o and o + g.nbytes <= e0 for s0, e0 in by_file.get(f, ())):
+                if not any(s0 <= o and o + g.span <= e0 for s0, e0 in by_file.get(f, ())):
                     bad(f"layer {layer}: piece of {g.tensors[0] if g.tensors else g.proj} at {f}:{o} not dropped")
                     break
     if not problems:  # the read ops derive from the arrays: check them on a sound plan only

@@ -9,9 +9,10 @@ import os
 PENDING: dict[str, str] = {
     "gpt_oss": ("stages byte-exact (stored orientation, gate/up de-interleaved as f32 [H, I]) but kt-kernel's "
                 "AVX2BF16 integration refuses those pieces (it takes bf16 [I, H])"),
-    "llama4_text": "feed_forward.experts.gate_up_proj [E,H,2I] (gate = first I columns) + down_proj [E,I,H]",
-    "aria_text": "mlp.experts.fc1 [E,H,2I] (gate = first I columns) + fc2 [E,I,H]",
-    "inkling2_text": "model.llm.layers prefix, w13_weight [E,2I,H] gate/up interleaved by rows + w2_weight",
+    "llama4_text": ("feed_forward.experts.gate_up_proj [E,H,2I] (gate = first I columns) + down_proj [E,I,H]: as "
+                    "stored, gate is a strided bf16 [H, I] range, but kt-kernel takes [I, H] and a tp slice of "
+                    "[H, I] can be square (misread silently): needs a transposing stage"),
+    "aria_text": "mlp.experts.fc1 [E,H,2I] (gate = first I columns) + fc2 [E,I,H]: same as llama4_text",
 }
 
 

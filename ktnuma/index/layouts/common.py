@@ -199,7 +199,7 @@ def group(layer: int, proj: str, kind: str, x: TensorExtent, dims: Dims, *, note
           offsets: tuple[int, ...], tensors: tuple[str, ...], shape: tuple[int, ...] | None = None,
           nbytes: int | None = None, quantum: int = 1, quantum_bytes: int | None = None,
           conversion: str | None = None, staged_dtype: str | None = None, note_fmt: dict[str, Any] | None = None,
-          shard: int | None = None) -> PieceGroup:
+          shard: int | None = None, row_stride: int = 0) -> PieceGroup:
     """A PieceGroup of resolved `dims`; `note` (a KindRule.unit_note) is resolved with the cut unit."""
     axes = [a for a, _ in dims]
     i_dim = axes.index("I") if "I" in axes else None
@@ -214,7 +214,7 @@ def group(layer: int, proj: str, kind: str, x: TensorExtent, dims: Dims, *, note
         nbytes=nbytes if nbytes is not None else x.nbytes,
         files=files, offsets=offsets, tensors=tensors, i_dim=i_dim, i_unit=i_unit, unit_note=unit_note,
         quantum=quantum, quantum_bytes=quantum_bytes, conversion=conversion, staged_dtype=staged_dtype or dt,
-        shard=shard,
+        shard=shard, row_stride=row_stride,
     )
 
 

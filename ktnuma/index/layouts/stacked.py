@@ -1,6 +1,6 @@
 """Stacked tensors: one tensor per (layer, proj) holding every expert on dim 0, bf16.
 
-Two storage orders, told apart by the shapes (they cannot both fit unless a dim is 0):
+Storage orders, told apart by the shapes (they cannot both fit unless a dim is 0) or fixed by the naming:
 - concatenated: gate_up [E, 2I, H] = gate rows then up rows, down [E, H, I] (Qwen3.5 packed
   `mlp.experts.gate_up_proj`, GraniteMoeSWA `block_sparse_moe.experts.gate_up_proj`, Granite/JetMoe
   `input_linear`/`output_linear`);
@@ -10,6 +10,8 @@ Two storage orders, told apart by the shapes (they cannot both fit unless a dim 
   read) and keeps its phase, exactly converted to f32 (bf16-even->f32 / bf16-odd->f32: a 4-byte
   gate/up pair becomes one 4-byte f32, so the executor's whole byte ratios hold); down as [I, H] bf16.
   Biases are not staged (see GPT_OSS_NOTES).
+- interleaved rows (Inkling2 `w13_weight`): [E, 2I, H] with gate = even rows, up = odd rows, down
+  `w2_weight` [E, H, I]. Gate/up are staged as stored, bf16 [I, H]: every other row of the [2I, H] piece.
 """
 from __future__ import annotations
 
@@ -30,6 +32,16 @@ GPT_OSS_NOTES = {
 }
 
 
+ROW_NOTES = {
+    "layout": "w13_weight [E, 2I, H] interleaves gate (even rows) and up (odd rows); gate and up are staged as "
+              "stored, bf16 [I, H] pieces gathered row by row (stride 2H), w2_weight [E, H, I] as [H, I]",
+}
+# namings whose storage order is fixed by the model family (the shapes alone cannot tell gate-then-up rows
+# from interleaved rows)
+ORDER_OF_NAMING = {"inkling2": "rows"}
+SHAPES = {"rows": "[E, 2I, H] + [E, H, I]"}
+
+
 def _orders(gu: tuple[int, ...], dn: tuple[int, ...]) -> str | None:
     if len(gu) != 3 or len(dn) != 3 or gu[0] != dn[0]:
         return None
@@ -44,11 +56,17 @@ def build(ctx: Context) -> ModelIndex:
     gu = ctx.uniform("gate", "weight")
     dn = ctx.uniform("down", "weight")
     order = _orders(gu.shape, dn.shape)
+    fixed = ORDER_OF_NAMING.get(ctx.naming.naming)
+    if fixed is not None:
+        if order != "concatenated":
+            raise ctx.err(gu, f"{ctx.naming.naming} stacked gate/up {list(gu.shape)} and down {list(dn.shape)} "
+                              f"({dn.name!r}) are not {SHAPES[fixed]}")
+        order = fixed
     if order is None:
         raise ctx.err(gu, f"stacked gate/up {list(gu.shape)} and down {list(dn.shape)} ({dn.name!r}) are neither "
                           f"[E, 2I, H] + [E, H, I] (gate then up) nor gpt-oss [E, H, 2I] + [E, I, H] (interleaved "
                           f"gate/up)")
-    if order == "concatenated":
+    if order in ("concatenated", "rows"):
         n, two_i, hidden = gu.shape
     else:
         n, hidden, two_i = gu.shape
@@ -59,7 +77,7 @@ def build(ctx: Context) -> ModelIndex:
         bad = gu if gu.dtype != "bf16" else dn
         raise FormatError(ctx.paths[bad.file], f"stacked expert tensors are staged from bf16 only, not {bad.dtype}",
                           bad.name)
-    build_one = _concatenated if order == "concatenated" else _gpt_oss
+    build_one = {"concatenated": _concatenated, "gpt-oss": _gpt_oss, "rows": _rows}[order]
     groups: list[PieceGroup] = []
     for layer in ctx.staged:
         for p in PROJS:
@@ -68,7 +86,8 @@ def build(ctx: Context) -> ModelIndex:
     if order == "gpt-oss":
         notes = dict(GPT_OSS_NOTES) if biases else {"layout": GPT_OSS_NOTES["layout"]}
         return ctx.finish("bf16", groups, ctx.config(n, hidden, inter), naming="gpt-oss", notes=notes)
-    return ctx.finish("bf16", groups, ctx.config(n, hidden, inter))
+    notes = dict(ROW_NOTES) if order == "rows" else None
+    return ctx.finish("bf16", groups, ctx.config(n, hidden, inter), notes=notes)
 
 
 def _concatenated(layer: int, x: TensorExtent, p: str, n: int, hidden: int, inter: int) -> PieceGroup:
@@ -99,3 +118,14 @@ def _gpt_oss(layer: int, x: TensorExtent, p: str, n: int, hidden: int, inter: in
                  offsets=tuple(x.offset + e * piece for e in range(n)), tensors=(x.name,) * n,
                  shape=(hidden, inter), nbytes=piece, quantum_bytes=2 * isz,
                  conversion="bf16-even->f32" if p == "gate" else "bf16-odd->f32", staged_dtype="f32")
+
+
+def _rows(layer: int, x: TensorExtent, p: str, n: int, hidden: int, inter: int) -> PieceGroup:
+    if p == "down":
+        return _concatenated(layer, x, p, n, hidden, inter)  # [H, I]
+    isz = itemsize(x.dtype)
+    piece = 2 * inter * hidden * isz
+    base = x.offset + (hidden * isz if p == "up" else 0)
+    return group(layer, p, "weight", x, FORMATS["bf16"].weight.dims, note=FORMATS["bf16"].weight.unit_note,
+                 files=(x.file,) * n, offsets=tuple(base + e * piece for e in range(n)), tensors=(x.name,) * n,
+                 shape=(inter, hidden), nbytes=piece // 2, row_stride=2 * hidden * isz)

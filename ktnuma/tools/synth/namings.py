@@ -27,7 +27,8 @@ class Naming:
     mtp: bool  # DeepSeek family: an MTP layer numbered num_hidden_layers carries experts
     config: str  # CONFIGS key
     extra: tuple[str, ...] = ()  # absolute names of further bf16 [H, ATTN_DIM] tensors (e.g. a vision tower)
-    stacked: str = ""  # "concat": one [E, 2I, H] gate_up + [E, H, I] down; "gpt-oss": [E, H, 2I] interleaved
+    stacked: str = ""  # "concat": one [E, 2I, H] gate_up + [E, H, I] down; "gpt-oss": [E, H, 2I] interleaved;
+    # "rows": [E, 2I, H] with gate/up interleaved by rows (Inkling2 w13_weight) + [E, H, I]
 
 
 _HF = ("gate_proj", "up_proj", "down_proj")
@@ -73,6 +74,10 @@ NAMINGS: dict[str, Naming] = {
                "mlp.shared.{p}", "mlp.router.layer.weight", None,
                "self_attention.o_proj", ("input_layernorm", "post_attention_layernorm"),
                "model.embed_tokens", "model.norm", "lm_head", False, "mixtral", stacked="concat"),
+        Naming("inkling2", "model.llm.layers.{L}", "mlp.experts.{p}", ("w13_weight", "w13_weight", "w2_weight"),
+               "mlp.{p}", _HF, "mlp.shared_experts.{p}", "mlp.gate.weight", None,
+               "self_attn.o_proj", ("input_layernorm", "post_attention_layernorm"),
+               "model.llm.embed_tokens", "model.llm.norm", "lm_head", False, "mixtral", stacked="rows"),
         Naming("deepseek-v4", "layers.{L}", "ffn.experts.{e}.{p}", _W, "ffn.{p}", _W,
                "ffn.shared_experts.{p}", "ffn.gate.weight", "ffn.gate.bias",
                "attn.wo", ("attn_norm", "ffn_norm"), "embed", "norm", "head", True, "deepseek-v4"),

@@ -139,7 +139,8 @@ ZERO_EXPERTS = 4  # zero-expert slots the "zero-experts" variant adds after the 
 
 
 def _stacked(nm: Naming, pre: str, L: int, h: int, i: int, e: int, staged: bool) -> list[_Spec]:
-    """Stacked [E, ...] gate_up and down tensors: gate then up ([E, 2I, H] + [E, H, I]), or gpt-oss
+    """Stacked [E, ...] gate_up and down tensors: gate then up, or gate/up interleaved by rows ("rows";
+    both [E, 2I, H] + [E, H, I]), or gpt-oss
     ([E, H, 2I] with gate/up interleaved on the last dim + [E, I, H], plus their biases)."""
     kind = "weight" if staged else None
     gu = f"{pre}.{nm.expert.format(p=nm.projs[0])}"

@@ -23,7 +23,8 @@ FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
         Format("bf16", "safetensors", "per-expert", ("deepseek", "mixtral", "mistral", "qwen-packed", "gpt-oss",
-                                                     "granite", "granite-swa", "jetmoe"), ("zero-experts",)),
+                                                     "granite", "granite-swa", "jetmoe", "inkling2"),
+               ("zero-experts",)),
         Format("fp8", "safetensors", "per-expert", ("deepseek", "mixtral", "mistral"), ("1d", "bf16-scale")),
         Format("mxfp8", "safetensors", "per-expert", ("mixtral", "deepseek", "mistral"), (), None, 32),
         Format("nvfp4", "safetensors", "per-expert", ("deepseek", "mixtral", "mistral"), (), None, 16),
