@@ -199,6 +199,7 @@ def _drop_cache(paths) -> None:
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
+            os.fsync(fd)  # a freshly written model's dirty pages cannot be dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -310,8 +311,8 @@ def test_handoff_peak_is_at_most_the_stock_peak(child, synth_model):
     """Peak of (anon RSS + the run's segments + the model's page cache) during a whole-model load from a
     cold cache: the handoff holds the engine's copy plus a one-layer window; the stock loader the copy
     plus the model's pages it mapped. No segment is left after load."""
-    info = synth_model("bf16", hidden=512, intermediate=512, experts=E, experts_per_tok=TOPK, layers=6)
-    m = _Info(info, 512, 512)
+    info = synth_model("bf16", hidden=1024, intermediate=1024, experts=E, experts_per_tok=TOPK, layers=6)
+    m = _Info(info, 1024, 1024)  # 288 MiB of experts: the weights, not the interpreters, decide the peak
     _drop_cache(info.files)
     stock = child("BF16", info.path, m, 1)
     _drop_cache(info.files)
