@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import ktnuma
     from ktnuma.errors import KtnumaError
     from ktnuma.integrations import kt_kernel as K
+    from ktnuma.tools import engine_check as EC
 
     try:
         t0 = time.perf_counter()
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 engines.append((eng, time.perf_counter() - t1))
             t_build = time.perf_counter() - t0
             for i, (eng, t_b) in enumerate(engines):
-                err, t_f = K.check_layer(eng, cpu, tokens=a.tokens, seed=a.seed + i)
+                err, t_f = EC.check_layer(eng, cpu, tokens=a.tokens, seed=a.seed + i)
                 result["layers"].append({"layer": eng.layer, "engine": eng.spec.engine_class,
                                          "engines": len(eng.parts), "mode": eng.parts[0].mode,
                                          "build_s": round(t_b, 6), "forward_s": round(t_f, 6),

@@ -31,6 +31,7 @@ import ktnuma  # noqa: E402
 from ktnuma.tools import reference as R  # noqa: E402
 from ktnuma.host import shm  # noqa: E402
 from ktnuma.integrations import kt_kernel as K  # noqa: E402
+from ktnuma.tools import engine_check as EC  # noqa: E402
 
 log = logging.getLogger(__name__)
 TWO = str(REPO / "configs/topologies/two-node.toml")
@@ -182,7 +183,7 @@ def test_tp_node_engines_sum_to_the_single_moe(cpu, synth_model, detached, fmt):
         # the parts are not the whole: each one alone is far from it
         assert R.rel_l1(parts[0].float(), whole) > 0.1
         # and the layer check (per-node torch references of the staged slices) agrees
-        err, _ = K.check_layer(staged, cpu, tokens=Q, seed=3)
+        err, _ = EC.check_layer(staged, cpu, tokens=Q, seed=3)
         assert err < spec.tolerance
 
 

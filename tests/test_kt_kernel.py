@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 from ktnuma.tools import reference as R  # noqa: E402
 from ktnuma.errors import BadInput  # noqa: E402
 from ktnuma.integrations import kt_kernel as K  # noqa: E402
+from ktnuma.tools import engine_check as EC  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +244,10 @@ def test_self_check_passes_on_good_weights_and_catches_bad_ones(cpu, fmt):
     spec = _spec(fmt)
     arrays, _ = _layer(spec, seed=8)
     moe = _build(cpu, spec, arrays)
-    assert K.self_check(moe, cpu, arrays) < spec.tolerance
+    assert EC.self_check(moe, cpu, arrays) < spec.tolerance
     wrong, _ = _layer(spec, seed=9)  # the reference computed from other weights
     with pytest.raises(BadInput, match="disagrees with the torch reference"):
-        K.self_check(moe, cpu, wrong)
+        EC.self_check(moe, cpu, wrong)
 
 
 def test_merge_node_rows_for_ep():

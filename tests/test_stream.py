@@ -122,7 +122,7 @@ def measure(mode: str, model: str, prefetch: int = 1) -> dict:
                     smp.sample()
         else:
             waited = 0.0
-            with ktnuma.stream(model, topology=TWO, split="tp", prefetch=prefetch, engine=("bf16", "flat")) as layers:
+            with ktnuma.stream(model, topology=TWO, split="tp", prefetch=prefetch, engine=K.engine_kind("bf16", "flat")) as layers:
                 for staged in layers:
                     eng = K.engines_for_layer(staged, cpu)
                     eng.release_sources()
@@ -212,19 +212,25 @@ def test_prefetch_zero_and_exception_remove_everything(synth_model, run_registry
 def test_in_place_engines_and_bad_arguments_are_refused(synth_model, prefix):
     import ktnuma
     from ktnuma.errors import BadInput
+    from ktnuma.integrations import kt_kernel as K
 
     info = synth_model("rawint4", hidden=64, intermediate=64, group_size=32)
     before = _segments(prefix)
     with pytest.raises(BadInput, match="rawint4 engine in pointers mode .* keeps reading the weights"):
-        with ktnuma.stream(info.path, topology=TWO, engine=("rawint4", "pointers")):
+        with ktnuma.stream(info.path, topology=TWO, engine=K.engine_kind("rawint4", "pointers")):
             pass
     with pytest.raises(BadInput, match="gguf:Q4_K engine in flat mode"):
-        with ktnuma.stream(info.path, topology=TWO, engine="gguf:Q4_K"):
+        with ktnuma.stream(info.path, topology=TWO, engine=K.engine_kind("gguf:Q4_K")):
             pass
+    with pytest.raises(BadInput, match="does not say whether it copies the weights at load"):
+        with ktnuma.stream(info.path, topology=TWO, engine=("bf16", "flat")):  # the engine side knows no engine
+            pass
+    with pytest.raises(BadInput, match="unknown mode"):
+        K.engine_kind("bf16", "sideways")
     with pytest.raises(BadInput, match="prefetch must be >= 0"):
         with ktnuma.stream(info.path, topology=TWO, prefetch=-1):
             pass
-    with ktnuma.stream(info.path, topology=TWO, engine=("rawint4", "flat")) as layers:  # copies at load: fine
+    with ktnuma.stream(info.path, topology=TWO, engine=K.engine_kind("rawint4", "flat")) as layers:  # copies at load: fine
         assert [s.layer for s in layers] == [1, 2]
     assert _segments(prefix) == before
 

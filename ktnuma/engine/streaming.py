@@ -1,6 +1,6 @@
 """Handoff for engines that copy the weights at load: stage layer by layer from the engine's process.
 
-    with ktnuma.stream("model/", nodes=2, split="tp", prefetch=1, engine=("bf16", "flat")) as layers:
+    with ktnuma.stream("model/", nodes=2, split="tp", prefetch=1, engine=K.engine_kind("bf16")) as layers:
         for staged in layers:                       # StagedLayer: layer, array, tensor, torch, pointers
             engines[staged.layer] = build(staged)   # copy (and sync) before asking for the next layer
 
@@ -11,7 +11,8 @@ next layer unmaps and unlinks the previous one (its views are invalid afterwards
 Leaving the context, normally or by an exception, stops the workers and removes every segment.
 
 Engines that keep reading the source after load (kt-kernel's RAWINT4 in pointer mode, llamafile
-with one subpool) cannot use this: pass ``engine=(backend, mode[, tp])`` and they are refused.
+with one subpool) cannot use this: pass ``engine=`` an object whose ``copies_at_load`` is False
+(``ktnuma.integrations.kt_kernel.engine_kind(backend, mode, tp)``) and they are refused.
 The run registers itself (state ``staging``) so ``python -m ktnuma.cleanup`` can remove what a
 killed engine leaves behind.
 """
@@ -112,16 +113,18 @@ class Stream:
 
 
 def _refuse_in_place(engine: Any) -> None:
+    """`engine` says whether it copies the weights at load (its `copies_at_load`); one that reads them
+    in place is refused. The engine side knows no engine: integrations describe theirs (e.g.
+    ``ktnuma.integrations.kt_kernel.engine_kind("bf16", "flat")``)."""
     if engine is None:
         return
-    from ktnuma.integrations.kt_kernel import copies_at_load
-
-    if isinstance(engine, str):
-        engine = (engine, "flat")
-    backend, mode, *rest = engine
-    tp = int(rest[0]) if rest else 1
-    if not copies_at_load(backend, mode, tp):
-        raise BadInput(f"ktnuma.stream: the {backend} engine in {mode} mode (engine tp {tp}) keeps reading the "
+    copies = getattr(engine, "copies_at_load", None)
+    if not isinstance(copies, bool):
+        raise BadInput(f"ktnuma.stream: engine={engine!r:.80} does not say whether it copies the weights at load "
+                       "(an object with a bool copies_at_load, e.g. "
+                       "ktnuma.integrations.kt_kernel.engine_kind('bf16', 'flat'))")
+    if not copies:
+        raise BadInput(f"ktnuma.stream: the {engine} keeps reading the "
                        "weights after load, and stream releases each layer once it is loaded; stage with "
                        "`python -m ktnuma.launch` and use ktnuma.attach instead (the segments then outlive the engine)")
 
@@ -148,7 +151,7 @@ def stream(model: str | os.PathLike[str], nodes: int | None = None, split: str =
     """Stage `model` layer by layer for an engine in this process (see the module doc).
     `nodes`/`topology`/`split`/`layers`/`shm_dir`/`format`/`retries` mean what they mean for
     `launch`; `prefetch` is how many layers the workers stage ahead of the one held; `engine`
-    ((backend, mode[, tp]) or a backend name) refuses engines that read in place."""
+    (an object with a bool `copies_at_load`) refuses engines that read in place."""
     from ktnuma.plan.planner import manifest_arrays
     from ktnuma.stage.coordinator import Run
     from ktnuma.stage.session import prepare

@@ -34,10 +34,11 @@ from typing import Any
 # which inherit the activation variables, import none of this at start-up
 _WHERE = {
     **dict.fromkeys(("BACKENDS", "DEFAULT_MAX_LEN", "LLAMAFILE_QK", "MODES", "MXFP4_GROUP", "Backend", "EngineSpec",
-                     "backend_for", "check_engine_limits", "copies_at_load"), "backends"),
+                     "backend_for", "check_engine_limits", "copies_at_load", "EngineKind",
+                     "engine_kind"), "backends"),
     **dict.fromkeys(("LoadedMoE", "available", "build_moe", "forward", "make_cpuinfer", "merge_node_rows"), "engine"),
-    **dict.fromkeys(("GROUP_DIM", "LayerEngines", "check_layer", "engines_for_layer", "layer_reference",
-                     "random_tokens", "self_check", "spec_for_layer"), "layers"),
+    **dict.fromkeys(("GROUP_DIM", "LayerEngines", "engines_for_layer", "random_tokens", "spec_for_layer"),
+                    "layers"),
     **dict.fromkeys(("KINDS", "PROJS"), "ktnuma.index.model"),
 }
 __all__ = sorted(_WHERE)

@@ -272,3 +272,27 @@ def copies_at_load(backend: str, mode: str, tp: int = 1) -> bool:
         raise BadInput(f"kt-kernel: unknown mode {mode!r} (flat or pointers)")
     return not BACKENDS[fam].in_place(mode, int(tp))
 
+
+
+@dataclass(frozen=True)
+class EngineKind:
+    """What `ktnuma.stream(engine=...)` asks of an engine: whether it copies the weights at load.
+    `engine_kind("rawint4", "pointers")` is kt-kernel's RAWINT4 in pointer mode (reads in place)."""
+
+    backend: str  # a format or BACKENDS key
+    mode: str = "flat"  # flat | pointers
+    tp: int = 1  # the engine's own subpool count
+
+    @property
+    def copies_at_load(self) -> bool:
+        return copies_at_load(self.backend, self.mode, self.tp)
+
+    def __str__(self) -> str:
+        return f"kt-kernel {self.backend} engine in {self.mode} mode (engine tp {self.tp})"
+
+
+def engine_kind(backend: str, mode: str = "flat", tp: int = 1) -> EngineKind:
+    """An EngineKind, checked (unknown backend or mode: BadInput)."""
+    kind = EngineKind(str(backend), str(mode), int(tp))
+    kind.copies_at_load  # noqa: B018 - validates backend and mode now, not inside stream()
+    return kind

@@ -51,8 +51,8 @@ def _by_expert(view: Any, proj: str, kind: str, where: str) -> list[tuple[Any, i
         r = view.record(proj, kind, node)
         if r.slice is not None:
             raise BadInput(f"{where}layer {view.layer} node {node} {proj} {kind} holds a slice {r.slice} of "
-                           "each expert; kt-kernel's native wrapper takes whole experts: stage with --split ep "
-                           "or --split tp-whole")
+                           "each expert; kt-kernel's native wrapper takes whole experts: stage it with "
+                           "`python -m ktnuma.launch MODEL --split ep`")
         stacked = view.torch(proj, kind, node)
         for i, e in enumerate(r.experts):
             if out[e] is None:

@@ -83,7 +83,7 @@ class Method:
     amx_engine: str = ""  # the AMX-only engine, named in the refusal
 
 
-NATIVE_SPLITS = ("ep", "tp-whole", "tp")  # tp only over one node (every piece whole)
+NATIVE_SPLITS = ("ep", "tp")  # tp only over one node (every piece whole)
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -101,7 +101,7 @@ METHODS: dict[str, Method] = {
                amx_engine="AMXMXFP8_KGroup_MOE (forced by KT_MXFP8_BACKEND=amx; unset it for AVX2MXFP8_MOE)"),
         Method("AMXINT4", "amx-int4", "amx", ("tp",)),
         Method("AMXINT8", "amx-int8", "amx", ("tp",)),
-        Method("LLAMAFILE", "gguf", "llamafile", ("ep", "tp-whole", "tp"), in_place=lambda tp, amx: tp == 1),
+        Method("LLAMAFILE", "gguf", "llamafile", ("ep", "tp"), in_place=lambda tp, amx: tp == 1),
     )
 }
 # kt-kernel method for a ktnuma format family (the way out of a mismatch)

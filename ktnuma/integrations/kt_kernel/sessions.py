@@ -106,20 +106,20 @@ class Session:
         check_format(m, fmt, self.where)
         if len(nodes) != p.threadpool_count:
             raise BadInput(f"{self.where}{what} has {len(nodes)} node(s) {list(nodes)}, the kt-kernel pool has "
-                           f"threadpool_count {p.threadpool_count}; stage with --nodes {p.threadpool_count} "
-                           f"or set --kt-threadpool-count {len(nodes)}")
+                           f"threadpool_count {p.threadpool_count}; stage it with `python -m ktnuma.launch MODEL "
+                           f"--nodes {p.threadpool_count}` or set --kt-threadpool-count {len(nodes)}")
         if tuple(nodes) != p.numa_nodes:
             raise BadInput(f"{self.where}{what} nodes are {list(nodes)} but kt-kernel's numa_nodes are "
                            f"{list(p.numa_nodes)} (kt part i reads ktnuma node i); stage with a topology whose "
                            f"node ids are {list(p.numa_nodes)}")
         if split not in m.splits or (split == "tp" and m.wrapper != "amx" and len(nodes) > 1):
-            use = "--split tp (shard n on node n)" if m.wrapper == "amx" else "--split ep or --split tp-whole"
-            raise BadInput(f"{self.where}{what} is a --split {split} run over {len(nodes)} nodes; kt-kernel "
+            use = "--split tp (shard n on node n)" if m.wrapper == "amx" else "--split ep"
+            raise BadInput(f"{self.where}{what} is a split={split} run over {len(nodes)} nodes; kt-kernel "
                            f"{m.name} takes {'pre-sharded .numa shards' if m.wrapper == 'amx' else 'whole experts'}"
-                           f": stage it again with {use}")
+                           f": stage it again with `python -m ktnuma.launch MODEL {use}`")
         if self.in_place and len(nodes) != 1:
             raise BadInput(f"{self.where}kt-kernel {m.name} on this CPU reads the weights in place and runs on "
-                           f"one subpool; set --kt-threadpool-count 1 and stage with --nodes 1")
+                           f"one subpool; set --kt-threadpool-count 1 and stage it with `python -m ktnuma.launch MODEL --nodes 1`")
 
 
 class Resident(Session):
@@ -148,7 +148,8 @@ class Resident(Session):
     def layer(self, layer: int) -> Any:
         if layer not in self.att.layers:
             raise BadInput(f"{self.where}no experts staged for layer {layer} (staged layers "
-                           f"{list(self.att.layers)}); stage every MoE layer the engine builds (launch without --layers)")
+                           f"{list(self.att.layers)}); stage every MoE layer the engine builds (`python -m ktnuma.launch MODEL` "
+                           "without --layers)")
         return self.att.layer(layer)
 
     def close(self) -> None:
