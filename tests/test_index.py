@@ -348,3 +348,20 @@ def test_new_formats_tp_refusals_name_their_units(models):
         idx = index_model(models[(fmt, naming)].path)
         with pytest.raises(SplitError, match=f"not a multiple of the {unit} of down_proj"):
             check_split(idx, 16 if fmt == "mxfp8" else 32, "tp")
+
+
+@pytest.mark.parametrize("family, tensors", [
+    ("Llama4", {"model.layers.0.feed_forward.experts.gate_up_proj": ("BF16", (2, 64, 64)),
+                "model.layers.0.feed_forward.experts.down_proj": ("BF16", (2, 32, 64))}),
+    ("Aria", {"model.layers.0.mlp.experts.fc1.weight": ("BF16", (2, 64, 64)),
+              "model.layers.0.mlp.experts.fc2.weight": ("BF16", (2, 32, 64))}),
+])
+def test_transposed_stacked_layouts_refused_naming_the_feature(tmp_path, family, tensors):
+    """Llama4 / Aria stacks are stored transposed ([E, H, 2I] chunked, [E, I, H]): refused by name, not as
+    'no routed-expert tensors found', through the real CLI (one line, exit 2)."""
+    p = _write(tmp_path / "m", tensors)
+    with pytest.raises(E.UnsupportedQuantization, match=f"{family} expert layout: stored transposed"):
+        index_model(p)
+    r = subprocess.run([sys.executable, "-m", "ktnuma.inspect", p], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{family} expert layout" in r.stderr and "Traceback" not in r.stderr

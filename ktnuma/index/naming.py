@@ -72,6 +72,17 @@ REFUSED_SUFFIXES: dict[str, str] = {
 }
 
 
+# expert layouts recognised but not staged: a tensor matching one names the missing feature instead of
+# "no routed-expert tensors found"
+_TRANSPOSED = ("stored transposed against [out, in] (gate/up [E, H, 2I], gate = the first I columns, up = the "
+               "last I; down [E, I, H]); kt-kernel takes gate/up [I, H] and down [H, I] and checks only dtype and "
+               "shape, and ktnuma has no transposing conversion yet, so it refuses rather than stage them as stored")
+REFUSED_LAYOUTS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(_LAYER + r"\.feed_forward\.experts\.(?:gate_up|down)_proj$"), "Llama4 expert layout: " + _TRANSPOSED),
+    (re.compile(_LAYER + r"\.mlp\.experts\.fc[12]\.weight$"), "Aria expert layout: " + _TRANSPOSED),
+)
+
+
 @dataclass(frozen=True)
 class Hit:
     """A tensor that a naming rule matched."""
@@ -104,6 +115,10 @@ def match(extents: list[TensorExtent], files: list[str], ext_of_file: list[str])
             by_rule[rule.naming].append(Hit(int(g["layer"]), expert, rule.projs[g["proj"]], suffix, shard, e))
             break
     if not by_rule:
+        for e in extents:
+            for pattern, why in REFUSED_LAYOUTS:
+                if pattern.match(e.name):
+                    raise UnsupportedQuantization(f"{files[e.file]}: tensor {e.name!r}: {why}")
         raise ModelError(f"{os.path.dirname(files[0])}: no routed-expert tensors found (namings tried: "
                          f"{', '.join(r.naming for r in NAMING_RULES)})")
     if len(by_rule) > 1:
