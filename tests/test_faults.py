@@ -199,8 +199,10 @@ def test_worker_killed_retries_exhausted_exit_4_nothing_left(synth_model, run_re
                  env={"KTNUMA_WORKER_DELAY": "5"})
     try:
         run_id = run_id_of(run_registry)
-        first = shm.segment_name(run_id, info.moe_layers[0], 0)
-        assert wait_for(lambda: os.path.exists(f"/dev/shm/{first}"), 30)
+        # node 0 creates its segments of the window's two layers ahead, then fills the first (5 s)
+        ahead = shm.segment_name(run_id, info.moe_layers[1], 0)
+        assert wait_for(lambda: os.path.exists(f"/dev/shm/{ahead}"), 30)
+        time.sleep(0.5)
         ws = workers(run.p.pid)
         os.kill(ws[0], signal.SIGKILL)
         assert run.wait(30) == 4, run.stderr
@@ -279,10 +281,11 @@ def test_coordinator_sigkilled_workers_clean_up_and_cleanup_spares_live_and_deta
                       env={"KTNUMA_WORKER_DELAY": "2"})
         ids = wait_for(lambda: len(_entries(run_registry)) == 3 and _entries(run_registry), 30)
         dead_id = next(e[:-5] for e in ids if e[:-5] not in (det["run_id"], live_m["run_id"]))
-        l1, l2 = info.moe_layers[:2]
-        in_progress = {shm.segment_name(dead_id, l2, n) for n in (0, 1)}
+        l1, l2, l3 = info.moe_layers[:3]
+        in_progress = {shm.segment_name(dead_id, lyr, n) for lyr in (l2, l3) for n in (0, 1)}
         finished = {shm.segment_name(dead_id, l1, n) for n in (0, 1)}
-        # layer 1 done on both nodes, layer 2 being staged on both: kill the coordinator now
+        # layer 1 done on both nodes (only then may layer 3's segments be created: two layers in
+        # flight), layer 2 being staged, layer 3 created ahead: kill the coordinator now
         assert wait_for(lambda: set(shm.run_segments(dead_id)) >= in_progress, 30), shm.run_segments(dead_id)
         assert set(shm.run_segments(dead_id)) >= finished
         ws = workers(dead.p.pid)
@@ -321,7 +324,7 @@ def test_signal_while_staging_exit_130_nothing_left_no_orphans(sig, synth_model,
                  env={"KTNUMA_WORKER_DELAY": "20"})
     try:
         run_id = run_id_of(run_registry)
-        assert wait_for(lambda: len(shm.run_segments(run_id)) == 2, 30)
+        assert wait_for(lambda: len(shm.run_segments(run_id)) >= 2, 30)  # 4 once layer 2 is created ahead
         ws = workers(run.p.pid)
         assert len(ws) == 2
         run.p.send_signal(sig)
@@ -369,7 +372,8 @@ def test_space_vanishing_mid_run_exit_3_no_sigbus(synth_model, run_registry, tmp
     info = synth_model("bf16")
     d = tiny_tmpfs("8m")
     man = tmp_path / "m.json"
-    run = Launch("--topology", TWO, "--shm-dir", d, "--manifest", str(man), info.path,
+    # one layer in flight: layer 2's segments are created only after layer 1 is filled (1 s)
+    run = Launch("--topology", TWO, "--shm-dir", d, "--layers-in-flight", "1", "--manifest", str(man), info.path,
                  env={"KTNUMA_WORKER_DELAY": "1"})
     filler = os.path.join(d, "filler")
     try:

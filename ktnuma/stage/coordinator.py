@@ -2,7 +2,7 @@
 
 All nodes work at once; at most ``layers_in_flight`` layers are staged concurrently (stage/schedule.py).
 Each source byte is read once (plan/ops.py): a layer with cross-node writes first has every node
-create its segment, then the readers fill them. Once every job of layer L is done, the segments are
+create its segment (ahead, within the window), then the readers fill them. Once every job of layer L is done, the segments are
 committed (the workers no longer remove them) and the page cache of layer L's source ranges
 (``plan.drop_ranges(L)``) is dropped, and once more (widened to 2 MiB folios) when the run closes
 after its workers exited. A worker that dies (EOF on its stdout), or that makes no progress for

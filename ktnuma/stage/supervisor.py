@@ -82,7 +82,7 @@ class Supervisor:
                 continue
             job = self.sched.next_job(nid)
             if job is None:
-                if not self.sched.has_work(nid) and (p.layer is None or self.sched.complete(p.layer)):
+                if self.sched.settled(nid):
                     p.close_stdin()  # nothing left, its segments committed: let it exit
                 continue
             self.send(p, job)

@@ -9,7 +9,8 @@ posix_fallocate: pages placed before the first byte lands) and may run read ops 
 segment of the layer (all exist by then: the coordinator sequences it). Placement is read back with
 move_pages after the job's own writes. A segment this worker created stays its own to remove until
 the coordinator commits it: if stdin reaches EOF (the coordinator died) or a termination signal
-arrives, the worker removes its uncommitted segments and exits.
+arrives, the worker removes its uncommitted segments and exits (a crash while the coordinator lives
+leaves them: other nodes may have filled them; the coordinator retries and cleans up).
 """
 from __future__ import annotations
 
@@ -263,9 +264,16 @@ def main(argv: list[str] | None = None) -> int:
         w.send({"op": "error", "name": None, "layer": None, "node": args.node, "kind": "os",
                 "message": str(exc)})
         return 1
+    keep = False
     try:
         return w.serve()
     except ParentGone:
         return 0
+    except BaseException:
+        # a crash while the coordinator lives: it retries and owns the cleanup; other nodes may
+        # have written into this worker's segments already, so they stay
+        keep = not w.gone.is_set()
+        raise
     finally:
-        w.drop_unfinished()
+        if not keep:
+            w.drop_unfinished()
