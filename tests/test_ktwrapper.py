@@ -283,7 +283,7 @@ def test_refusals_through_the_real_wrapper_are_one_line_and_leave_nothing(child,
     _refused(child("BF16", bf16.path, bf16, 2, KTNUMA_MANIFEST=man), "1 node(s)", "threadpool_count 2")
     # a sliced tp run for a native method: the split to use
     man_tp = detached(bf16.path, "tp", 2)
-    _refused(child("BF16", bf16.path, bf16, 2, KTNUMA_MANIFEST=man_tp), "--split tp run over 2 nodes",
+    _refused(child("BF16", bf16.path, bf16, 2, KTNUMA_MANIFEST=man_tp), "split=tp run over 2 nodes",
              "--split ep")
     # the wrapper's model is not the run's
     other = _model(synth_model, "MXFP4")
