@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from ktnuma import cli
 from ktnuma.errors import Interrupted, StdoutClosed
-from ktnuma.stage import distributed, registry, session
+from ktnuma.stage import distributed, session  # registry: after the workers started (start-up time)
 
 log = logging.getLogger("ktnuma.launch")
 
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging("launch", quiet=args.quiet, verbose=args.verbose)
     sig = Signals()
     sig.install()
-    from ktnuma.stage.coordinator import prespawn
+    from ktnuma.stage.procs import prespawn  # not the coordinator: its import would delay the workers
 
     prepared = session.prepare(args.model, nodes=args.nodes, topology=args.topology,
                                simulate=not args.no_simulate, split=args.split, format=args.format,
@@ -211,6 +211,8 @@ def _write_ready(lines: Sequence[str]) -> None:
 
 
 def _stage(args: argparse.Namespace, sig: Signals, p: session.Prepared) -> int:
+    from ktnuma.stage import registry
+
     if args.io == "direct":
         from ktnuma.stage.worker import direct_ok
 

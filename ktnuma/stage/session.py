@@ -176,11 +176,10 @@ def prepare(model: str | os.PathLike[str], *, nodes: int | None = None, topology
     manifest file (the entry names ``<registry>/<run_id>.stream``). ``window``: check memory for
     that many layers at once instead of the whole run. Raises the named error of the first step
     that refuses; on any failure the workers ``spawn`` started are stopped and nothing is left."""
-    from ktnuma.host.preflight import check_memory
+    # imports in the order they are needed: what runs before the workers start delays them
     from ktnuma.host.topology import select
     from ktnuma.index.experts import index_model
-    from ktnuma.plan.planner import check_split, plan as make_plan
-    from ktnuma.stage import registry
+    from ktnuma.plan.splits import check_split
 
     sdir = check_shm_dir(shm_dir)
     topo = select(nodes, os.fspath(topology) if topology is not None else None, simulate=simulate)
@@ -193,6 +192,10 @@ def prepare(model: str | os.PathLike[str], *, nodes: int | None = None, topology
         raise SplitError(f"{os.path.abspath(index.root)}: {exc}") from None
     workers = spawn(_busy_nodes(index, topo, split)) if spawn is not None else None
     try:
+        from ktnuma.host.preflight import check_memory
+        from ktnuma.plan.planner import plan as make_plan
+        from ktnuma.stage import registry
+
         plan = make_plan(index, topo, split)
         if window is None:
             check_memory(plan.segments, topo, sdir)
