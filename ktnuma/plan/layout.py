@@ -49,8 +49,8 @@ def where(index: ModelIndex, g: PieceGroup) -> str:
     return f"{path}: tensor {g.tensors[0] if g.tensors else '?'!r}"
 
 
-def align(x: int) -> int:
-    return -(-x // ALIGN) * ALIGN
+def align(x: int, to: int = ALIGN) -> int:
+    return -(-x // to) * to
 
 
 def layout_key(g: PieceGroup) -> tuple[int, int, int]:
@@ -134,15 +134,16 @@ def array(g: PieceGroup, node: int, lo: int, hi: int, geom: Geometry, offset: in
     )
 
 
-def segment(layer: int, node: int, parts: Iterable[tuple[PieceGroup, int, int, Geometry]]) -> SegmentPlan | None:
-    """One segment holding `parts` (group, lo, hi, geometry) in order, each array ALIGN-aligned;
-    None if there is nothing to hold."""
+def segment(layer: int, node: int, parts: Iterable[tuple[PieceGroup, int, int, Geometry]],
+            align_to: int = ALIGN) -> SegmentPlan | None:
+    """One segment holding `parts` (group, lo, hi, geometry) in order, each array `align_to`-aligned
+    (a multiple of ALIGN); None if there is nothing to hold."""
     arrays: list[ArrayPlan] = []
     cursor = 0
     for g, lo, hi, geom in parts:
         if hi <= lo:
             continue
-        a = array(g, node, lo, hi, geom, align(cursor))
+        a = array(g, node, lo, hi, geom, align(cursor, align_to))
         arrays.append(a)
         cursor = a.end
     return SegmentPlan(layer, node, cursor, tuple(arrays)) if arrays else None

@@ -1,7 +1,7 @@
 """The planner: a pure function from (ModelIndex, Topology, split) to a Plan. No I/O.
 
 The package: records.py (ArrayPlan, SegmentPlan, Plan, the Split record), splits.py (the
-`--split` table: tp.py, ep.py), layout.py (building blocks of a split rule), ops.py (who
+`--split` table: tp.py, ep.py, tp_whole.py), layout.py (building blocks of a split rule), ops.py (who
 reads which source bytes, coalesced and chunked: the workers' read/scatter ops), validate.py.
 This module keeps the names callers import (`from ktnuma.plan.planner import plan, ...`).
 """
@@ -84,6 +84,7 @@ def plan(index: ModelIndex, topology: Any, split: str = "tp") -> Plan:
         layers=tuple(by_layer),
         segments=tuple(segments),
         drops=tuple(drops),
+        notes=rule.notes(index, nodes) if rule.notes else (),
     )
 
 

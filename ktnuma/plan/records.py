@@ -52,12 +52,33 @@ class ArrayPlan:
         return self.offset + self.count * self.stride
 
 
+MODES = ("bind", "interleave")  # memory policies a segment range can ask for (MPOL_BIND / MPOL_INTERLEAVE)
+
+
+@dataclass(frozen=True)
+class PolicyRange:
+    """Bytes [start, stop) of a segment placed by one memory policy: "bind" to its one node, or
+    "interleave" over its nodes (topology node ids; the worker maps them to real nodes). start is
+    page-aligned; stop too, except for a segment's last range (stop == the segment size)."""
+
+    start: int
+    stop: int
+    mode: str  # one of MODES
+    nodes: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class SegmentPlan:
     layer: int
     node: int
     size: int  # bytes of the segment (end of its last array; at least 1 array)
     arrays: tuple[ArrayPlan, ...]
+    # per-range memory policy covering [0, size) exactly; () = the whole segment bound to `node`
+    policy: tuple[PolicyRange, ...] = ()
+
+    def ranges(self) -> tuple[PolicyRange, ...]:
+        """The policy as ranges (the default: one range binding the whole segment to its node)."""
+        return self.policy or (PolicyRange(0, self.size, "bind", (self.node,)),)
 
     @property
     def payload(self) -> int:
@@ -73,12 +94,13 @@ class DropRange:
 
 @dataclass(frozen=True)
 class Plan:
-    split: str  # tp | ep
+    split: str  # a key of plan.splits.SPLITS
     files: tuple[str, ...]  # paths, index-aligned with ModelIndex.files
     nodes: tuple[int, ...]  # topology node ids in topology order
     layers: tuple[int, ...]
     segments: tuple[SegmentPlan, ...]  # ordered by layer, then node order
     drops: tuple[tuple[int, tuple[DropRange, ...]], ...]  # per layer: page-cache ranges to drop
+    notes: tuple[tuple[str, str], ...] = ()  # (topic, text) the split adds to the manifest's model.notes
 
     def layer_segments(self, layer: int) -> tuple[SegmentPlan, ...]:
         return tuple(s for s in self.segments if s.layer == layer)
@@ -112,10 +134,13 @@ class Split:
     `check(index, n_nodes)` refuses what the split cannot do (SplitError, with the numbers and
     a way out); `layer(inp)` plans one layer's segments (pure; use plan.layout to build them);
     `replicates(group)` says whether every node holds a whole copy of the group's pieces (so
-    validate expects one copy per node instead of one tiling over all nodes)."""
+    validate expects one copy per node instead of one tiling over all nodes); `notes(index, nodes)`
+    (optional) describes the plan for the manifest's model.notes."""
 
     name: str
     check: Callable[[ModelIndex, int], None]
     layer: Callable[[LayerInput], list[SegmentPlan]]
     replicates: Callable[[PieceGroup], bool]
     doc: str = ""
+    # (index, nodes) -> (topic, text) notes for the manifest's model.notes (e.g. how pages are placed)
+    notes: Callable[[ModelIndex, tuple[int, ...]], tuple[tuple[str, str], ...]] | None = None

@@ -1,5 +1,5 @@
 """The `--split` table: split name -> its rule (plan.records.Split). Adding a split is one module
-defining a Split (see tp.py, ep.py; build segments with plan.layout) plus one entry here."""
+defining a Split (see tp.py, ep.py, tp_whole.py; build segments with plan.layout) plus one entry here."""
 from __future__ import annotations
 
 from ktnuma.errors import SplitError
@@ -7,8 +7,9 @@ from ktnuma.index.model import ModelIndex
 from ktnuma.plan.ep import EP
 from ktnuma.plan.records import Split
 from ktnuma.plan.tp import TP
+from ktnuma.plan.tp_whole import TP_WHOLE
 
-SPLITS: dict[str, Split] = {s.name: s for s in (TP, EP)}
+SPLITS: dict[str, Split] = {s.name: s for s in (TP, EP, TP_WHOLE)}
 
 
 def split_rule(split: str) -> Split:

@@ -8,7 +8,7 @@ from ktnuma.errors import PlanInvalid
 from ktnuma.index.model import ModelIndex, PieceGroup
 from ktnuma.plan.opcheck import check_ops
 from ktnuma.plan.layout import quantum_bytes, ratio as ratio_of, staged_dtype
-from ktnuma.plan.records import ALIGN, PAGE, Plan
+from ktnuma.plan.records import ALIGN, MODES, PAGE, Plan, SegmentPlan
 from ktnuma.plan.splits import SPLITS
 
 
@@ -123,6 +123,7 @@ def validate(plan: Plan, index: ModelIndex, *, io: str = "buffered") -> None:
             read_bytes[(g.layer, g.proj, g.kind, g.shard)] += a.count * a.rows * a.run
         if end != s.size:
             bad(f"{where}: size {s.size} != end of its last array {end}")
+        _check_policy(s, where, pos_of, groups, index.config.moe_intermediate_size, bad)
         conv = sum(a.count * a.rows * a.run * ratio_of(a) for a in s.arrays)
         if conv != s.payload:
             bad(f"{where}: {conv} bytes read (after conversion) but {s.payload} staged")
@@ -183,3 +184,42 @@ def _check_tiling(recs: list, g: PieceGroup, full: tuple[int, int], split: str, 
             pos = s1
         if not ok or pos != full[1]:
             bad(f"{name}: experts [{e0}, {e1}) covered by {parts}, not exactly [{full[0]}, {full[1]}) once")
+
+
+def _check_policy(s: SegmentPlan, where: str, pos_of: dict[int, int], groups: dict, big_i: int, bad) -> None:
+    """The segment's memory-policy ranges: page-aligned starts, covering [0, size) exactly in order,
+    modes known, nodes in the run; a "bind" range holds only bytes that the bound node's part reads
+    (whole-expert readers: part p of N reads bytes [p*b, (p+1)*b) of each piece whose I dim is its
+    rows, b = staged piece bytes / N, when I splits into N whole row blocks); padding is read by none."""
+    pos = 0
+    n = len(pos_of)
+    for r in s.policy:
+        at = f"{where} policy [{r.start}, {r.stop}) {r.mode} {list(r.nodes)}"
+        if r.start != pos:
+            bad(f"{at}: starts at {r.start}, the previous range ended at {pos}")
+        if r.start % PAGE or r.stop <= r.start or (r.stop % PAGE and r.stop != s.size):
+            bad(f"{at}: not a non-empty range of whole {PAGE}-byte pages (or ending at the size {s.size})")
+        if r.mode not in MODES or not r.nodes or len(set(r.nodes)) != len(r.nodes) \
+                or (r.mode == "bind" and len(r.nodes) != 1):
+            bad(f"{at}: not a known mode ({', '.join(MODES)}) over distinct nodes (bind: one)")
+        if any(x not in pos_of for x in r.nodes):
+            bad(f"{at}: a node not in the run {sorted(pos_of)}")
+        elif r.mode == "bind" and n > 1:
+            part = pos_of[r.nodes[0]]
+            for a in s.arrays:
+                lo, hi = max(r.start, a.offset), min(r.stop, a.end)
+                if lo >= hi:
+                    continue
+                g = groups.get((a.layer, a.proj, a.kind, a.shard))
+                staged = a.stride
+                ok = (g is not None and g.i_dim == 0 and big_i % n == 0 and (big_i // n) % g.i_unit == 0
+                      and g.rows * g.i_unit == big_i and staged % n == 0)
+                k0, k1 = (lo - a.offset) // staged, (hi - 1 - a.offset) // staged
+                b = staged // n
+                if not ok or k0 != k1 or not (part * b <= lo - a.offset - k0 * staged
+                                              and hi - a.offset - k0 * staged <= (part + 1) * b):
+                    bad(f"{at}: holds bytes of {a.proj} {a.kind} that part {part} (node {r.nodes[0]}) does not read")
+                    break
+        pos = max(pos, r.stop)
+    if s.policy and pos != s.size:
+        bad(f"{where}: policy ranges cover [0, {pos}), not the segment's {s.size} bytes")
