@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import stat
 import subprocess
@@ -183,3 +184,37 @@ def test_nospace_is_reported(source, tiny_tmpfs):
         assert w.close() == 0
     finally:
         shm.unlink(name, d)
+
+
+def test_create_only_job_maps_nothing_and_measure_reads_placement_back(source):
+    """A segment other nodes fill is created without mapping its pages (they would be zero-filled
+    before the fills land); once filled, "measure" reads its placement back, while the bytes stay."""
+    path, data = source
+    size = 3 * mmap.PAGESIZE + 100
+    name = shm.segment_name(shm.new_run_id(), 0, 0)
+    missing = shm.segment_name(shm.new_run_id(), 0, 0)
+    w = Worker([path])
+    try:
+        w.p.stdin.write(protocol.job(0, 0, 0, (name, size), {}, None))
+        w.p.stdin.flush()
+        done = w.recv()
+        assert done["op"] == "done" and done["name"] == name and done["placement"] is None, done
+        fd = shm.open_segment(name, write=True)  # "another node" fills it
+        try:
+            os.pwrite(fd, data[:size].tobytes(), 0)
+        finally:
+            os.close(fd)
+        w.send({"op": "commit", "names": [name]})
+        w.send({"op": "measure", "name": name, "size": size})
+        placed = w.recv()
+        assert placed == {"op": "placed", "name": name,
+                          "placement": placed["placement"]} and placed["placement"], placed
+        assert sum(placed["placement"].values()) == -(-size // mmap.PAGESIZE)
+        assert "absent" not in placed["placement"]
+        assert (read_segment(name, size) == data[:size]).all()
+        w.send({"op": "measure", "name": missing, "size": size})  # gone (e.g. released): unknown
+        assert w.recv() == {"op": "placed", "name": missing, "placement": None}
+    finally:
+        assert w.close() == 0
+        assert shm.run_segments(name.split(".")[1]) == [name]  # committed: the worker keeps it
+        shm.unlink(name)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from dataclasses import replace
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -70,6 +71,8 @@ class Run:
         self.written: dict[tuple[int, int], int] = {}
         self.made: dict[tuple[int, int], tuple[dict | None, float]] = {}  # (placement, seconds) per segment
         self.read_bytes = 0
+        self.unplaced: set[tuple[int, int]] = set()  # segments created without a placement (others fill them)
+        self.awaiting: dict[str, tuple[int, int]] = {}  # segment name -> (layer, node): "measure" sent
         self.bytes_total = sum(s.payload for s in plan.segments)
         self.node_bytes = {n.id: 0 for n in topology.nodes}
         self.node_seconds = {n.id: 0.0 for n in topology.nodes}
@@ -139,6 +142,8 @@ class Run:
         seconds = float(msg["seconds"])
         if job.create is not None:
             self.made[(job.layer, job.node)] = (msg.get("placement"), seconds)
+            if msg.get("placement") is None and not job.ops:
+                self.unplaced.add((job.layer, job.node))
         else:
             placement, before = self.made.get((job.layer, job.node), (None, 0.0))
             self.made[(job.layer, job.node)] = (placement, before + seconds)
@@ -162,11 +167,24 @@ class Run:
             placement, seconds = self.made.get((layer, s.node), (None, 0.0))
             self.done[layer].append(SegmentResult(self.name(layer, s.node), layer, s.node, s.size, got, seconds,
                                                   placement, self.sup.attempts.get((layer, s.node), 0) + 1))
-        self.sup.commit(layer, [s.node for s in segs])
+        measure = {s.node: s.size for s in segs if (layer, s.node) in self.unplaced}
+        for n in self.sup.commit(layer, [s.node for s in segs], measure):
+            self.awaiting[self.name(layer, n)] = (layer, n)
         if self.drop_cache:
             self.cache.drop(self.plan.drop_ranges(layer))
         self.completed.append(layer)
         self._emit("layer", layer, None)
+
+    def placed(self, node: int, name: str | None, placement: dict | None) -> None:
+        """A worker's answer to "measure" (name None: the worker is gone, its answers with it)."""
+        if name is None:
+            self.awaiting = {k: v for k, v in self.awaiting.items() if v[1] != node}
+            return
+        where = self.awaiting.pop(name, None)
+        if where is None or where[1] != node:
+            return  # not asked of this worker: ignored
+        layer = where[0]
+        self.done[layer] = [replace(r, placement=placement) if r.name == name else r for r in self.done[layer]]
 
     def _emit(self, kind: str, layer: int, node: int | None, message: str = "") -> None:
         if self.progress is None:
@@ -223,7 +241,7 @@ class Run:
 
     def wait(self) -> StageResult:
         """Run to completion; returns the result (segments stay until close/keep decides)."""
-        while not self.finished:
+        while not self.finished or self.awaiting:
             self.step()
         return self.result()
 

@@ -9,6 +9,7 @@ coordinator -> worker (the worker's stdin):
    "segments": {"<node>": seg, ...},                  # the segments the ops write into (all exist)
    "ops": columns | null}                             # read ops (plan.ops), see pack_ops
   {"op": "commit", "names": [seg, ...]}               # these segments now belong to the coordinator
+  {"op": "measure", "name": seg, "size": bytes}       # read back where a (filled) segment's pages are
   {"op": "exit"}
 worker -> coordinator (its stdout):
   {"op": "ready", "pid": pid, "cpus": [...]}
@@ -16,6 +17,11 @@ worker -> coordinator (its stdout):
   {"op": "done", "layer", "node", "name": seg|null, "size", "placement": {...}|null,
    "read": bytes read from source files, "written": {"<node>": bytes}, "seconds"}
   {"op": "error", "name", "layer", "node", "kind": one of ERROR_KINDS, "message"}
+  {"op": "placed", "name": seg, "placement": {...}|null}  # the answer to "measure"
+
+"commit" and "measure" are handled as they arrive, even while a job runs. A job that only creates a
+segment (other nodes fill it) reports no placement: mapping its pages before the fills landed would
+zero-fill every one of them; the coordinator asks for it with "measure" once the layer is complete.
 
 A worker removes the segments it created and that were not committed when its stdin closes (the
 coordinator died) or a job that created one fails.

@@ -98,12 +98,20 @@ class Supervisor:
                             {n: r.name(job.layer, n) for n in job.targets}, job.ops)
         p.send_job(job, data)
 
-    def commit(self, layer: int, nodes) -> None:
-        """The layer is complete: its segments belong to the run now, not to the workers that made them."""
+    def commit(self, layer: int, nodes, measure: dict[int, int] | None = None) -> list[int]:
+        """The layer is complete: its segments belong to the run now, not to the workers that made them.
+        ``measure`` (node -> segment size): also ask those owners where the pages are; returns the
+        nodes asked (a worker gone by now cannot answer)."""
+        asked = []
         for n in nodes:
             p = self.procs.get(n)
             if p is not None:
-                p.send({"op": "commit", "names": [self.run.name(layer, n)]})
+                name = self.run.name(layer, n)
+                p.send({"op": "commit", "names": [name]})
+                if measure and n in measure:
+                    p.send({"op": "measure", "name": name, "size": measure[n]})
+                    asked.append(n)
+        return asked
 
     # ------------------------------------------------------------------ failures
     def fail(self, layer: int, node: int, why: str) -> None:
@@ -146,6 +154,9 @@ class Supervisor:
         op = msg.get("op")
         if op in ("ready", "progress"):
             return
+        if op == "placed":
+            self.run.placed(nid, str(msg.get("name")), msg.get("placement"))
+            return
         if op == "error":
             self._error(p, msg)
             return
@@ -167,6 +178,7 @@ class Supervisor:
             p.proc.kill()
             rc = p.proc.wait()
         busy = p.layer is not None and self.sched.pending(nid, p.layer)
+        self.run.placed(nid, None, None)  # its unanswered "measure"s stay unknown
         if p.job is None and not self.sched.has_work(nid):
             del self.procs[nid]  # finished its work and exited
             return

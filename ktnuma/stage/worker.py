@@ -148,7 +148,7 @@ class Worker:
                 ops.run(steps, self.pool, self._fault(msg, len(steps)))
                 self._delay()
             placement = None
-            if mm is not None:
+            if mm is not None and ops is not None:  # create-only: see protocol ("measure")
                 populate(mm, numa.PAGE_SIZE)
                 placement = numa.placement(addr, size)
             self.check()  # a parent gone by now gets no finished segment left behind
@@ -176,6 +176,23 @@ class Worker:
                 os.close(fd)
             if name is not None and not ok:
                 self.drop(name)  # only if this job created it
+
+    def measure(self, name: str, size: int) -> None:
+        """Answer "measure": the page placement of a segment of this node that others filled."""
+        placement, fd, mm = None, -1, None
+        try:
+            fd = shm.open_segment(name, self.shm_dir)
+            mm = shm.map_fd(fd, size, write=False)
+            populate(mm, numa.PAGE_SIZE)
+            placement = numa.placement(numa.address_of(mm), size)
+        except (OSError, ValueError, numa.NumaError) as exc:  # gone (released) or unreadable: unknown
+            log.debug("measure %s: %s", name, exc)
+        finally:
+            if mm is not None:
+                mm.close()
+            if fd >= 0:
+                os.close(fd)
+        self.send({"op": "placed", "name": name, "placement": placement})
 
     def drop(self, name: str) -> None:
         with self.lock:
@@ -205,6 +222,8 @@ class Worker:
                     if msg.get("op") == "commit":  # at once, even while a job runs
                         with self.lock:
                             self.unfinished.difference_update(msg.get("names", ()))
+                    elif msg.get("op") == "measure":
+                        self.measure(str(msg["name"]), int(msg["size"]))
                     else:
                         self.inbox.put(msg)
         except (OSError, ValueError):
