@@ -4,13 +4,11 @@ Importing the package is cheap: nothing heavy is imported until used.
 """
 from __future__ import annotations
 
-from typing import Any
-
 __version__ = "0.1.0"
 __all__ = ["attach", "stream", "__version__"]
 
 
-def __getattr__(name: str) -> Any:  # lazy engine-side entry points
+def __getattr__(name: str) -> object:  # lazy engine-side entry points (no typing import: start-up time)
     if name == "attach":
         from ktnuma.engine.attachment import attach
 

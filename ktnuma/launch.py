@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from ktnuma import cli
 from ktnuma.errors import Interrupted, StdoutClosed
-from ktnuma.stage import distributed, session  # registry: after the workers started (start-up time)
+from ktnuma.stage import ranks, session  # registry: after the workers started; distributed: under torchrun only
 
 log = logging.getLogger("ktnuma.launch")
 
@@ -68,7 +68,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print a JSON summary line on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log lines on stderr")
-    distributed.add_arguments(p)  # --host-experts, --dist-timeout (under torchrun)
+    ranks.add_arguments(p)  # --host-experts, --dist-timeout (under torchrun)
     args = p.parse_args(argv)
     if args.retries < 0:
         p.error(f"--retries must be >= 0, got {args.retries}")
@@ -181,10 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sig.install()
     from ktnuma.stage.procs import prespawn  # not the coordinator: its import would delay the workers
 
+    dist = _distributed()
     prepared = session.prepare(args.model, nodes=args.nodes, topology=args.topology,
                                simulate=not args.no_simulate, split=args.split, format=args.format,
                                layers=args.layers, shm_dir=args.shm_dir, manifest=args.manifest,
-                               restrict=distributed.restrict, spawn=prespawn)
+                               restrict=dist.restrict if dist else None, spawn=prespawn)
     try:
         return _stage(args, sig, prepared)
     finally:
@@ -238,7 +239,9 @@ def _stage(args: argparse.Namespace, sig: Signals, p: session.Prepared) -> int:
             add_to_manifest(m, verify_run(p.plan, p.run_id, p.shm_dir))
         publish(m, p.manifest)  # never replaces; from here on the finally removes it (it carries our id)
         entry = registry.update(p.entry, state="held")
-        distributed.ready(p.manifest, p.run_id)  # under torchrun: every rank ok, or exit non-zero
+        dist = _distributed()
+        if dist is not None:
+            dist.ready(p.manifest, p.run_id)  # under torchrun: every rank ok, or exit non-zero
         # from here on a signal means "release the held run" (foreground) or nothing (detach), never
         # "abort": `ready` may be on its way to the reader
         sig.mode = "holding"
@@ -266,8 +269,23 @@ def _stage(args: argparse.Namespace, sig: Signals, p: session.Prepared) -> int:
             p.remove(protected)
 
 
+def _distributed():
+    """The multi-host hooks (ktnuma.stage.distributed: restrict the index to this rank's experts,
+    agree on `ready`) once this process imported them, as :func:`entry` does for a torchrun rank;
+    None otherwise (the single-host path never imports them: start-up time)."""
+    return sys.modules.get("ktnuma.stage.distributed")
+
+
+def _entry_main():
+    if not ranks.in_torchrun():
+        return main
+    from ktnuma.stage import distributed
+
+    return distributed.wrap(main, parse_args)
+
+
 def entry(argv: Sequence[str] | None = None) -> int:
-    return cli.run("launch", distributed.wrap(main, parse_args), argv)
+    return cli.run("launch", _entry_main(), argv)
 
 
 if __name__ == "__main__":

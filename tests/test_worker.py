@@ -128,6 +128,38 @@ def test_job_contiguous_strided_and_conversions(source):
         shm.unlink(name)
 
 
+def _maps_numpy(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return "_multiarray_umath" in f.read()
+
+
+def test_strided_rows_packed_in_python_until_the_budget_then_numpy(source):
+    """Small strided jobs are packed without importing numpy (start-up time); past the worker's
+    PY_ROWS budget numpy packs them; the bytes are the same either way."""
+    from ktnuma.stage.worker_ops import PY_ROWS
+
+    path, data = source
+    rid = shm.new_run_id()
+    w = Worker([path])
+    names = []
+    try:
+        for i, (rows, run, src_stride, col) in enumerate(((128, 100, 300, 100), (PY_ROWS + 5, 2, 6, 2),
+                                                          (64, 10, 30, 20))):
+            name = shm.segment_name(rid, i, 0)
+            names.append(name)
+            a = arr(0, 1, rows * run, [(1 << 20) + col], rows, run, src_stride, proj="down")
+            res = w.job(name, a.end, [a], layer=i)
+            assert res["op"] == "done", res
+            assert _maps_numpy(w.p.pid) == (i > 0), i  # the first job stays below the budget
+            got = read_segment(name, a.end).reshape(rows, run)
+            src = data[1 << 20:(1 << 20) + rows * src_stride].reshape(rows, src_stride)[:, col:col + run]
+            assert (got == src).all(), i
+        assert w.close() == 0
+    finally:
+        for name in names:
+            shm.unlink(name)
+
+
 def test_worker_pins_itself(source):
     w = Worker([source[0]], cpus=(1,) if os.cpu_count() > 1 else (0,))
     try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tomllib
 from dataclasses import dataclass
 
 from ktnuma.host import numa
@@ -108,6 +107,7 @@ def load(path: str) -> Topology:
     """Read a TOML topology file; CPUs the machine lacks are remapped with one warning."""
     path = str(path)
     import stat
+    import tomllib  # only for a topology file (start-up time of every launch)
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block

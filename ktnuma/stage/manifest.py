@@ -19,7 +19,13 @@ from typing import Any
 from ktnuma.errors import ManifestError, ManifestExists, ManifestMalformed, ManifestNotTrusted
 from ktnuma.host import shm
 from ktnuma.index import bounded
-from ktnuma.stage.manifest_check import LIMIT, REQUIRED_KEYS, VERSION, check
+# ktnuma.stage.manifest_check (the validation) only in load(): a launch, which builds and publishes,
+# never imports it (start-up time)
+
+VERSION = 1
+LIMIT = 256 << 20  # bytes of a manifest file (a DeepSeek-V3 run with --verify checksums is ~10 MB)
+REQUIRED_KEYS = ("ktnuma_manifest", "run_id", "owner", "split", "shm_dir", "model", "config",
+                 "topology", "segments", "arrays")
 
 __all__ = ["ManifestError", "REQUIRED_KEYS", "VERSION", "build", "load", "publish", "read_raw",
            "trust", "tmp_path", "unlink_if_ours", "write_atomic", "proc_start_time"]
@@ -169,6 +175,8 @@ def read_raw(path: str) -> Any:
 
 def load(path: str) -> dict[str, Any]:
     """Read and validate a manifest (manifest_check.check); a named ManifestError otherwise."""
+    from ktnuma.stage.manifest_check import check
+
     return check(read_raw(path), path)
 
 

@@ -24,16 +24,13 @@ from ktnuma.host import shm
 from ktnuma.index.dtypes import DTYPES, GGML_TYPES
 from ktnuma.index.model import KINDS, PROJS
 from ktnuma.plan.splits import SPLITS as _SPLIT_TABLE
+from ktnuma.stage.manifest import LIMIT, REQUIRED_KEYS, VERSION  # noqa: F401 - the contract's constants
 
-VERSION = 1
-LIMIT = 256 << 20  # bytes of a manifest file (a DeepSeek-V3 run with --verify checksums is ~10 MB)
 MAX_EXPERTS = 1 << 16
 MAX_SIZE = 1 << 52  # bytes of one segment
 MAX_DIM = 1 << 40
 MAX_NDIM = 4
 SPLITS = tuple(_SPLIT_TABLE)  # the planner's split table is the one list of splits
-REQUIRED_KEYS = ("ktnuma_manifest", "run_id", "owner", "split", "shm_dir", "model", "config",
-                 "topology", "segments", "arrays")
 
 
 _JSON_NAMES = {int: "integer", str: "string", list: "array", dict: "object"}

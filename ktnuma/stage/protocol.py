@@ -1,6 +1,6 @@
 """The wire protocol between the coordinator and its workers: one JSON object per line over pipes.
 
-Used by both sides; standard library only (the worker imports it at start-up).
+Used by both sides; standard library only, and no typing import (the worker imports it at start-up).
 
 coordinator -> worker (the worker's stdin):
   {"op": "init", "files": [path, ...], "shm_dir": str|null, "io": "buffered"|"direct"}
@@ -31,7 +31,6 @@ from __future__ import annotations
 import errno
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from ktnuma.errors import ParentGone, SourceTruncated  # noqa: F401 - the worker-side exceptions
 
@@ -86,7 +85,7 @@ def pack_ints(seq: Sequence[int]) -> list[int] | dict[str, int]:
     return list(seq)
 
 
-def unpack_ints(v: Any) -> Sequence[int]:
+def unpack_ints(v: list[int] | dict[str, int]) -> Sequence[int]:
     """The inverse of :func:`pack_ints`."""
     if isinstance(v, dict):
         a, d, n = v["a"], v["d"], v["n"]
@@ -98,13 +97,13 @@ _OP_COLS = ("file", "offset", "length", "nwrites")
 _W_COLS = ("node", "dest", "src", "rows", "run", "stride", "ratio")
 
 
-def pack_ops(ops: Iterable[Any]) -> dict:
+def pack_ops(ops: Iterable) -> dict:
     """ReadOps (plan.ops) as columns of packed ints; conversions as a list with nulls."""
     ops = list(ops)
     writes = [w for op in ops for w in op.writes]
     cols = {"file": [o.file for o in ops], "offset": [o.offset for o in ops],
             "length": [o.length for o in ops], "nwrites": [len(o.writes) for o in ops]}
-    out: dict[str, Any] = {k: pack_ints(v) for k, v in cols.items()}
+    out: dict[str, object] = {k: pack_ints(v) for k, v in cols.items()}
     out["w"] = {k: pack_ints([getattr(w, k) for w in writes]) for k in _W_COLS}
     conv = [w.conversion for w in writes]
     out["w"]["conversion"] = conv if any(conv) else None
@@ -130,7 +129,7 @@ def unpack_ops(cols: dict | None) -> list[Op]:
 
 
 def job(layer: int, node: int, attempt: int, create: tuple[str, int] | None,
-        segments: dict[int, str], ops: Iterable[Any] | None) -> bytes:
+        segments: dict[int, str], ops: Iterable | None) -> bytes:
     """One job line: create this node's segment (``create`` = (name, size)) and/or run read ops."""
     return encode({"op": "job", "layer": layer, "node": node, "attempt": attempt,
                    "create": None if create is None else {"name": create[0], "size": create[1]},

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from ktnuma.errors import KtnumaError, RegistryError
 from ktnuma.host import shm
 from ktnuma.index import bounded
-from ktnuma.stage.manifest import proc_start_time, write_atomic
+from ktnuma.stage.manifest import LIMIT, proc_start_time, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,6 @@ def is_live(entry: RunEntry) -> bool:
     """True for a run that cleanup must leave alone: a detached run whose manifest (still carrying
     its run id) exists, or a run whose owner is still the same living process."""
     if entry.state == "detached":
-        from ktnuma.stage.manifest_check import LIMIT
-
         if not os.path.lexists(entry.manifest):
             return False
         try:

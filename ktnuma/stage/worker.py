@@ -14,7 +14,6 @@ leaves them: other nodes may have filled them; the coordinator retries and clean
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import queue
@@ -261,26 +260,71 @@ def _on_term(signum, frame):  # noqa: ARG001 - signal handler signature
     raise ParentGone()
 
 
+USAGE = """usage: python -m ktnuma.worker --node N --real-node R --cpus LIST [--threads T]
+
+ktnuma staging worker (started by the coordinator).
+
+  --node N        topology node id
+  --real-node R   real NUMA node backing it
+  --cpus LIST     comma-separated CPUs to pin to
+  --threads T     reader threads (default: one per CPU, max 8)
+"""
+ARGS = {"--node": "node", "--real-node": "real_node", "--cpus": "cpus", "--threads": "threads"}  # flag -> key
+REQUIRED = ("node", "real_node", "cpus")
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """The coordinator's command line (``--flag value`` or ``--flag=value``; no argparse: it costs
+    the worker's start-up a few ms). ValueError naming the problem; "help" for -h/--help."""
+    out: dict[str, str] = {}
+    it = iter(argv)
+    for a in it:
+        if a in ("-h", "--help"):
+            return {"help": "1"}
+        flag, eq, value = a.partition("=")
+        if flag not in ARGS:
+            raise ValueError(f"unrecognized argument {a!r}")
+        if not eq:
+            value = next(it, None)
+            if value is None:
+                raise ValueError(f"{flag} expects a value")
+        out[ARGS[flag]] = value
+    missing = [f for f, k in ARGS.items() if k in REQUIRED and k not in out]
+    if missing:
+        raise ValueError(f"the following arguments are required: {', '.join(missing)}")
+    for k in ("node", "real_node", "threads"):
+        if k in out and not out[k].lstrip("-").isdigit():
+            raise ValueError(f"{next(f for f, v in ARGS.items() if v == k)}: invalid int value {out[k]!r}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ktnuma.worker",
-                                description="ktnuma staging worker (started by the coordinator).")
-    p.add_argument("--node", type=int, required=True, help="topology node id")
-    p.add_argument("--real-node", type=int, required=True, help="real NUMA node backing it")
-    p.add_argument("--cpus", required=True, help="comma-separated CPUs to pin to")
-    p.add_argument("--threads", type=int, default=0, help="reader threads (default: one per CPU, max 8)")
-    args = p.parse_args(argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    except ValueError as exc:  # exit 2 with the usage, as a CLI does
+        sys.stderr.write(USAGE.split("\n\n")[0] + f"\npython -m ktnuma.worker: error: {exc}\n")
+        return 2
+    if "help" in args:
+        sys.stdout.write(USAGE)
+        return 0
+    node, real_node = int(args["node"]), int(args["real_node"])
     logging.basicConfig(level=os.environ.get("KTNUMA_LOG", "WARNING").upper(), stream=sys.stderr,
-                        format=f"ktnuma worker n{args.node}: %(message)s")
+                        format=f"ktnuma worker n{node}: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGHUP, _on_term)
-    cpus = [int(c) for c in args.cpus.split(",") if c]
-    w = Worker(args.node, args.real_node, cpus, args.threads or min(len(cpus), 8), Hooks.from_env(os.environ))
+    try:
+        cpus = [int(c) for c in args["cpus"].split(",") if c]
+    except ValueError:
+        sys.stderr.write(f"python -m ktnuma.worker: error: --cpus: not a comma-separated CPU list: {args['cpus']!r}\n")
+        return 2
+    threads = int(args.get("threads", 0))
+    w = Worker(node, real_node, cpus, threads or min(len(cpus), 8), Hooks.from_env(os.environ))
     try:
         numa.pin_cpus(cpus)
-        numa.bind_process_memory(args.real_node)
+        numa.bind_process_memory(real_node)
     except numa.NumaError as exc:
-        w.send({"op": "error", "name": None, "layer": None, "node": args.node, "kind": "os",
+        w.send({"op": "error", "name": None, "layer": None, "node": node, "kind": "os",
                 "message": str(exc)})
         return 1
     keep = False

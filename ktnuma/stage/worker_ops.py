@@ -1,10 +1,12 @@
 """Executing one job's read ops (protocol.unpack_ops) in a small thread pool: the executor executes,
 it never plans. A copy (one plain contiguous write of the whole read) goes file -> segment with
 sendfile; anything else is read once into the thread's bounce buffer and each write's rows are
-packed (numpy, lazily imported), converted if asked, and pwritten into its node's segment."""
+packed (numpy, lazily imported: a worker's first PY_ROWS strided rows are packed in Python, so a
+small run never pays numpy's ~60 ms import), converted if asked, and pwritten into its node's segment."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from ktnuma.host import shm
 from ktnuma.stage.protocol import Op
 from ktnuma.stage.worker_io import Sources, write_full
+
+PY_ROWS = 1 << 16  # strided rows a worker packs in Python (~0.3 us each) before it imports numpy
+_py_rows = [PY_ROWS]  # what is left of that budget (pool threads race on it: approximate is fine)
 
 
 class JobOps:
@@ -70,6 +75,13 @@ class JobOps:
               conv: str | None) -> memoryview:
         if rows == 1 or run == stride:
             packed = data[s:s + rows * run]
+        elif rows <= _py_rows[0] and "numpy" not in sys.modules:
+            _py_rows[0] -= rows
+            packed = room[:rows * run]
+            o = 0
+            for a in range(s, s + rows * stride, stride):
+                packed[o:o + run] = data[a:a + run]
+                o += run
         else:
             import numpy as np
             from numpy.lib.stride_tricks import as_strided
