@@ -53,6 +53,14 @@ def _stale_temps(dry_run: bool) -> list[str]:
     return out
 
 
+def _private_scope() -> str:
+    """Run-id prefix the unowned pass is limited to. A private registry (``KTNUMA_REGISTRY_DIR``,
+    tests only) sees only its own runs, so the live runs of other registries of the same uid would
+    look unowned: with one, only segments whose run id carries the session's ``KTNUMA_RUN_ID_PREFIX``
+    are candidates. The real registry (one per uid) sees every run: no limit."""
+    return shm.session_prefix() if os.environ.get(registry.DIR_ENV) else ""
+
+
 def cleanup(dry_run: bool = False, scan_dirs: Sequence[str] | None = None) -> Report:
     rep = Report()
     uid = os.getuid()
@@ -69,11 +77,12 @@ def cleanup(dry_run: bool = False, scan_dirs: Sequence[str] | None = None) -> Re
             rep.manifests.append(e.manifest)
         rep.runs.append(e.run_id)
     rep.temps = _stale_temps(dry_run)
+    scope = _private_scope()
     for d in scan_dirs or [shm.DEFAULT_SHM_DIR]:
         dd = shm.resolve_dir(d)
         for name in shm.list_segments(dd, uid=uid):
             parsed = shm.parse_name(name)
-            if parsed is None or parsed[0] in owned:
+            if parsed is None or parsed[0] in owned or not parsed[0].startswith(scope):
                 continue
             if (shm.norm_dir(dd), name) in rep.segments:
                 continue

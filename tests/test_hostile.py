@@ -554,3 +554,24 @@ def test_registry_entries_are_validated(run_registry):
     os.chmod(run_registry, 0o755)
     registry.registry_dir()
     assert stat.S_IMODE(os.stat(run_registry).st_mode) == 0o700
+
+
+def test_cleanup_with_a_private_registry_spares_other_sessions_segments(run_registry):
+    """A private registry (tests) cannot see the runs of other registries of the same uid: its
+    unowned pass takes only the session's run ids (KTNUMA_RUN_ID_PREFIX); the real one takes all."""
+    rid = shm.new_run_id()
+    assert shm.session_prefix() and rid.startswith(shm.session_prefix())  # conftest sets one
+    mine = shm.segment_name(rid, 1, 0)
+    other = shm.segment_name(("1" if rid[0] == "0" else "0") + rid[1:], 1, 0)  # another session's
+    made = []
+    try:
+        for name in (mine, other):
+            os.close(shm.create(name))
+            made.append(name)
+        r = run_module("cleanup")
+        assert r.returncode == 0, r.stderr
+        assert not os.path.exists(shm.segment_path(mine)), "the session's unowned segment stayed"
+        assert os.path.exists(shm.segment_path(other)), "another session's segment went"
+    finally:
+        for name in made:
+            shm.unlink(name)

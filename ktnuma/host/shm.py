@@ -35,13 +35,16 @@ TMPFS_MAGIC = 0x01021994
 RUN_ID_PREFIX_ENV = "KTNUMA_RUN_ID_PREFIX"  # tests: hex prefix that tags one test session's runs
 
 
-def new_run_id() -> str:
-    """An unguessable run id (16 random hex digits, after an optional hex prefix from the
-    environment that test sessions use to recognise their own segments)."""
+def session_prefix() -> str:
+    """The hex run-id prefix from the environment that test sessions use to recognise their own
+    segments ("" when unset or not lower-case hex)."""
     prefix = os.environ.get(RUN_ID_PREFIX_ENV, "")
-    if prefix and not all(c in "0123456789abcdef" for c in prefix):
-        prefix = ""
-    return prefix + os.urandom(8).hex()  # what secrets.token_hex does, without importing secrets
+    return prefix if all(c in "0123456789abcdef" for c in prefix) else ""
+
+
+def new_run_id() -> str:
+    """An unguessable run id: 16 random hex digits after :func:`session_prefix`."""
+    return session_prefix() + os.urandom(8).hex()  # what secrets.token_hex does, without importing secrets
 
 
 def valid_run_id(run_id: object) -> bool:
