@@ -49,8 +49,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--topology", metavar="PATH", help="topology TOML (configs/topologies/)")
     p.add_argument("--no-simulate", action="store_true",
                    help="refuse (exit 2) instead of simulating nodes this machine lacks")
-    p.add_argument("--split", choices=("tp", "ep"), default="tp",
-                   help="tp: a 1/N slice of every expert per node (default); ep: whole experts per node")
+    p.add_argument("--split", choices=("tp", "ep", "tp-whole"), default="tp",  # == plan.splits.SPLITS (tested)
+                   help="tp: a 1/N slice of every expert per node (default); ep: whole experts per node; "
+                        "tp-whole: whole experts, each page on the node of the kt part that reads it (kt-kernel "
+                        "native methods over several nodes)")
     p.add_argument("--format", metavar="NAME", help="force the format (bf16, fp8, gguf:Q4_K, ...)")
     p.add_argument("--layers", metavar="SPEC", help="checkpoint layer numbers, e.g. 1-3,7")
     p.add_argument("--manifest", metavar="PATH", help="manifest path (default ./ktnuma-<run_id>.json)")
@@ -236,7 +238,7 @@ def _stage(args: argparse.Namespace, sig: Signals, p: session.Prepared) -> int:
         if args.verify:
             from ktnuma.stage.verify import add_to_manifest, verify_run
 
-            add_to_manifest(m, verify_run(p.plan, p.run_id, p.shm_dir))
+            add_to_manifest(m, verify_run(p.plan, p.run_id, p.shm_dir, p.topology))
         publish(m, p.manifest)  # never replaces; from here on the finally removes it (it carries our id)
         entry = registry.update(p.entry, state="held")
         dist = _distributed()

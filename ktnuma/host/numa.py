@@ -35,8 +35,11 @@ MPOL_LOCAL = 4
 MPOL_MODE_FLAGS = (1 << 15) | (1 << 14) | (1 << 13)  # STATIC_NODES, RELATIVE_NODES, NUMA_BALANCING
 MPOL_MF_STRICT = 1 << 0
 MPOL_MF_MOVE = 1 << 1
+MPOL_F_NODE = 1 << 0
+MPOL_F_ADDR = 1 << 1
 MPOL_NAMES = {MPOL_DEFAULT: "default", MPOL_PREFERRED: "preferred", MPOL_BIND: "bind",
               MPOL_INTERLEAVE: "interleave", MPOL_LOCAL: "local"}
+MODES = {"bind": MPOL_BIND, "interleave": MPOL_INTERLEAVE}  # the range policies a plan can ask for
 
 MASK_BITS = 1024  # node ids the masks can carry (the kernel's CONFIG_NODES_SHIFT=10 maximum)
 _ULONG_BITS = ctypes.sizeof(ctypes.c_ulong) * 8
@@ -204,18 +207,35 @@ def _raise_errno(call: str, reason: str, **where) -> None:
     raise cls(call, reason, err=err, **where)
 
 
-def mbind(addr: int, length: int, node: int) -> None:
-    """MPOL_BIND the page-aligned range ``[addr, addr+length)`` to ``node`` (before first touch)."""
-    _check_node(node, "mbind")
+def mbind(addr: int, length: int, node: int, mode: str = "bind", nodes: Iterable[int] = ()) -> None:
+    """Set the policy of the page-aligned range ``[addr, addr+length)`` before first touch: ``mode``
+    "bind" (MPOL_BIND to ``node``) or "interleave" (MPOL_INTERLEAVE over ``nodes``, real node ids;
+    ``node`` is named in errors). On a shared mapping the policy is the segment's, for every process."""
+    want = sorted(set(nodes)) if mode == "interleave" else [node]
+    for n in want:
+        _check_node(n, "mbind")
+    if mode not in MODES or not want:
+        raise NumaError("mbind", f"mode {mode!r} over nodes {want}: expected bind, or interleave over "
+                        "at least one node", node=node, addr=addr, length=length)
     if addr % PAGE_SIZE:
         raise NumaError("mbind", f"address is not aligned to the {PAGE_SIZE}-byte page",
                         node=node, addr=addr, length=length, err=_errno.EINVAL)
     if length <= 0:
         raise NumaError("mbind", "length must be positive", node=node, addr=addr, length=length)
-    mask = _mask([node])
-    if _lib().mbind(addr, length, MPOL_BIND, mask, MASK_BITS + 1, 0) != 0:
-        _raise_errno("mbind", "MPOL_BIND failed", node=node, addr=addr, length=length)
-    log.debug("mbind 0x%x+%d -> node %d", addr, length, node)
+    if _lib().mbind(addr, length, MODES[mode], _mask(want), MASK_BITS + 1, 0) != 0:
+        _raise_errno("mbind", f"{MPOL_NAMES[MODES[mode]]} over nodes {want} failed", node=node, addr=addr,
+                     length=length)
+    log.debug("mbind 0x%x+%d -> %s %s", addr, length, mode, want)
+
+
+def policy_at(addr: int) -> tuple[int, tuple[int, ...]]:
+    """The memory policy governing address ``addr`` (``get_mempolicy(MPOL_F_ADDR)``: of a shared
+    mapping, the segment's shared policy): (mode without flag bits, node ids of its mask)."""
+    mode = ctypes.c_int()
+    mask = _NodeMask()
+    if _lib().get_mempolicy(ctypes.byref(mode), mask, MASK_BITS, addr, MPOL_F_ADDR) != 0:
+        _raise_errno("get_mempolicy", "MPOL_F_ADDR failed", addr=addr)
+    return mode.value & ~MPOL_MODE_FLAGS, _unmask(mask)
 
 
 def bind_process_memory(node: int) -> None:

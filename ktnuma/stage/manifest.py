@@ -24,6 +24,7 @@ from ktnuma.index import bounded
 
 VERSION = 1
 LIMIT = 256 << 20  # bytes of a manifest file (a DeepSeek-V3 run with --verify checksums is ~10 MB)
+POLICY_KEY = "policy"  # optional per segment: its intended per-range memory policy (docs/manifest.md)
 REQUIRED_KEYS = ("ktnuma_manifest", "run_id", "owner", "split", "shm_dir", "model", "config",
                  "topology", "segments", "arrays")
 
@@ -60,8 +61,10 @@ def build(index, topology, plan, result, *, run_id: str, shm_dir: str | None,
     segments = []
     for s in plan.segments:
         name = shm.segment_name(run_id, s.layer, s.node)
-        segments.append({"name": name, "layer": s.layer, "node": s.node, "size": s.size,
-                         "placement": placements.get(name)})
+        rec = {"name": name, "layer": s.layer, "node": s.node, "size": s.size, "placement": placements.get(name)}
+        if s.policy:  # the intended per-range placement (split tp-whole); absent: all bound to `node`
+            rec[POLICY_KEY] = [[r.start, r.stop, r.mode, list(r.nodes)] for r in s.policy]
+        segments.append(rec)
     return {
         "ktnuma_manifest": VERSION,
         "run_id": run_id,
@@ -71,7 +74,8 @@ def build(index, topology, plan, result, *, run_id: str, shm_dir: str | None,
         "model": {"path": os.path.abspath(index.root), "format": index.format, "naming": index.naming,
                   "files": [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns}
                             for f in index.files],
-                  "notes": dict(index.notes)},  # how the format was staged (docs/formats.md)
+                  # how the format was staged (docs/formats.md), and the split's notes (placement)
+                  "notes": {**dict(index.notes), **dict(plan.notes)}},
         "config": index.config.as_manifest(),
         "topology": topology_record(topology),
         "segments": segments,

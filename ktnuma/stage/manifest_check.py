@@ -9,6 +9,8 @@ Nothing in a manifest is trusted for an address or a delete until :func:`check` 
   its layer/node those of the segment, experts ``[first, first + count)`` inside
   ``[0, num_experts)``, ``stride == nbytes`` (densely packed), ``nbytes`` equal to what ``dtype`` and ``shape``
   give, nodes among ``topology.nodes``, one record per (layer, proj, kind, node);
+* placement: a segment's optional ``policy`` ranges cover it exactly in page-aligned steps, with a
+  known mode over nodes of ``topology.nodes``;
 * size: the file is a regular file of at most :data:`LIMIT` bytes, JSON bounded
   (:mod:`ktnuma.index.bounded`).
 
@@ -23,8 +25,9 @@ from ktnuma.errors import ManifestMalformed, ManifestNames, ManifestOutOfBounds
 from ktnuma.host import shm
 from ktnuma.index.dtypes import DTYPES, GGML_TYPES
 from ktnuma.index.model import KINDS, PROJS
+from ktnuma.plan.records import MODES as POLICY_MODES, PAGE as POLICY_PAGE  # the planner's ranges
 from ktnuma.plan.splits import SPLITS as _SPLIT_TABLE
-from ktnuma.stage.manifest import LIMIT, REQUIRED_KEYS, VERSION  # noqa: F401 - the contract's constants
+from ktnuma.stage.manifest import LIMIT, POLICY_KEY, REQUIRED_KEYS, VERSION  # noqa: F401 - the contract's constants
 
 MAX_EXPERTS = 1 << 16
 MAX_SIZE = 1 << 52  # bytes of one segment
@@ -155,8 +158,39 @@ def _segments(c: _Check, m: dict, run_id: str, node_ids: set[int]) -> dict[str, 
         p = s.get("placement")
         if p is not None and not (isinstance(p, dict) and all(type(v) is int for v in p.values())):
             raise c.bad(f"{what}.placement", "not null or an object of page counts")
+        _policy(c, s.get(POLICY_KEY), f"{what}.{POLICY_KEY}", size, node_ids)
         out[name] = (layer, node, size)
     return out
+
+
+def _policy(c: _Check, pol: Any, what: str, size: int, node_ids: set[int]) -> None:
+    """null, or [[start, stop, mode, [node, ...]], ...] covering [0, size) in order, starts on page
+    boundaries, stops too except the last (== size), mode bind (one node) or interleave, nodes in topology."""
+    if pol is None:
+        return
+    if not isinstance(pol, list) or not pol:
+        raise c.bad(what, "not null or a non-empty list of ranges")
+    pos = 0
+    for k, r in enumerate(pol):
+        at = f"{what}[{k}]"
+        if not (isinstance(r, list) and len(r) == 4 and type(r[0]) is int and type(r[1]) is int
+                and type(r[2]) is str and isinstance(r[3], list)):
+            raise c.bad(at, f"{r!r:.60} is not [start, stop, mode, [node, ...]]")
+        start, stop, mode, nodes = r
+        c.ints(nodes, f"{at} nodes", 0, shm.MAX_NODE)
+        if start != pos or stop <= start or start % POLICY_PAGE or (stop % POLICY_PAGE and stop != size):
+            raise c.bad(at, f"[{start}, {stop}) does not continue the ranges at {pos} in whole "
+                            f"{POLICY_PAGE}-byte pages", ManifestOutOfBounds)
+        if stop > size:
+            raise c.bad(at, f"[{start}, {stop}) runs past the {size}-byte segment", ManifestOutOfBounds)
+        if mode not in POLICY_MODES or not nodes or len(set(nodes)) != len(nodes) \
+                or (mode == "bind" and len(nodes) != 1):
+            raise c.bad(at, f"{mode!r:.20} over {nodes} is not bind (one node) or interleave (distinct nodes)")
+        if not set(nodes) <= node_ids:
+            raise c.bad(at, f"nodes {nodes} are not all in topology.nodes", ManifestOutOfBounds)
+        pos = stop
+    if pos != size:
+        raise c.bad(what, f"the ranges cover [0, {pos}), not the {size}-byte segment", ManifestOutOfBounds)
 
 
 def _arrays(c: _Check, m: dict, sizes: dict[str, tuple[int, int, int]], num_experts: int) -> None:

@@ -5,7 +5,8 @@ Used by both sides; standard library only, and no typing import (the worker impo
 coordinator -> worker (the worker's stdin):
   {"op": "init", "files": [path, ...], "shm_dir": str|null, "io": "buffered"|"direct"}
   {"op": "job", "layer": L, "node": n, "attempt": k,
-   "create": {"name": seg, "size": bytes} | null,     # create, mbind, fallocate this node's segment
+   "create": {"name": seg, "size": bytes,             # create, mbind, fallocate this node's segment
+              "policy": [[start, stop, "bind"|"interleave", [real node, ...]], ...] | null} | null,
    "segments": {"<node>": seg, ...},                  # the segments the ops write into (all exist)
    "ops": columns | null}                             # read ops (plan.ops), see pack_ops
   {"op": "commit", "names": [seg, ...]}               # these segments now belong to the coordinator
@@ -129,9 +130,17 @@ def unpack_ops(cols: dict | None) -> list[Op]:
 
 
 def job(layer: int, node: int, attempt: int, create: tuple[str, int] | None,
-        segments: dict[int, str], ops: Iterable | None) -> bytes:
-    """One job line: create this node's segment (``create`` = (name, size)) and/or run read ops."""
+        segments: dict[int, str], ops: Iterable | None, policy: list | None = None) -> bytes:
+    """One job line: create this node's segment (``create`` = (name, size), placed by ``policy``:
+    see :func:`wire_policy`; None: bound to the worker's node) and/or run read ops."""
     return encode({"op": "job", "layer": layer, "node": node, "attempt": attempt,
-                   "create": None if create is None else {"name": create[0], "size": create[1]},
+                   "create": None if create is None else {"name": create[0], "size": create[1], "policy": policy},
                    "segments": {str(n): s for n, s in segments.items()},
                    "ops": pack_ops(ops) if ops else None})
+
+
+def wire_policy(ranges: Iterable, real_of: dict[int, int]) -> list | None:
+    """A segment plan's PolicyRanges for the worker: topology nodes -> their real nodes (simulated
+    nodes sharing a real node collapse into one); None for the default (no explicit ranges)."""
+    out = [[r.start, r.stop, r.mode, sorted({real_of[n] for n in r.nodes})] for r in ranges]
+    return out or None

@@ -89,13 +89,14 @@ class Supervisor:
 
     def send(self, p: WorkerProc, job: Job) -> None:
         r = self.run
-        create = None
+        create = policy = None
         if job.create is not None:
             name = r.name(job.layer, job.node)
             self.created.add(name)
             create = (name, job.create.size)
+            policy = protocol.wire_policy(job.create.policy, {n.id: n.real_node for n in r.topology.nodes})
         data = protocol.job(job.layer, job.node, self.attempts.get((job.layer, job.node), 0), create,
-                            {n: r.name(job.layer, n) for n in job.targets}, job.ops)
+                            {n: r.name(job.layer, n) for n in job.targets}, job.ops, policy)
         p.send_job(job, data)
 
     def commit(self, layer: int, nodes, measure: dict[int, int] | None = None) -> list[int]:

@@ -11,6 +11,9 @@ what the planner writes, so a re-plan still compares equal)::
                   "arrays": [[crc of expert first, crc of first+1, ...]   # arrays[0]: `count` ints
                              , ...]}                                      # one list per arrays record
 
+With the run's topology it also checks placement: each segment's memory-policy ranges (the plan's
+``policy``, else the whole segment bound to its node) against the policy the segment carries and the
+node of every page (:func:`check_placement`).
 An engine's ``attach(verify=True)`` rechecks them with :func:`check` (or :func:`check_manifest`,
 which maps the segments itself) -- no source re-read needed.
 Imports only the standard library (numpy lazily, through the conversions).
@@ -88,14 +91,42 @@ def _map(name: str, size: int, shm_dir: str | None):
         os.close(fd)
 
 
-def verify_run(plan, run_id: str, shm_dir: str | None) -> dict[ArrayKey, list[int]]:
+def check_placement(mm: Any, name: str, ranges: Iterable[Any], real_of: Mapping[int, int]) -> None:
+    """Each policy range of segment ``name`` (mapped as ``mm``) against its intent: the segment's
+    policy at the range's first and last page is its mode over its nodes' real nodes
+    (get_mempolicy(MPOL_F_ADDR)), and every page of it is on one of those real nodes (move_pages).
+    VerifyFailed naming the range otherwise."""
+    from ktnuma.host import numa
+    from ktnuma.stage.worker_io import populate
+
+    populate(mm, numa.PAGE_SIZE)  # pages mapped here, so move_pages sees them
+    addr = numa.address_of(mm)
+    for r in ranges:
+        want = tuple(sorted({real_of[n] for n in r.nodes}))
+        what = f"verify=True: segment {name} bytes [{r.start}, {r.stop}) ({r.mode} over nodes {list(r.nodes)})"
+        for at in {r.start, (r.stop - 1) // numa.PAGE_SIZE * numa.PAGE_SIZE}:
+            mode, nodes = numa.policy_at(addr + at)
+            if (mode, nodes) != (numa.MODES[r.mode], want):
+                raise VerifyFailed(f"{what}: the policy at byte {at} is {numa.mempolicy_name(mode)} over real "
+                                   f"nodes {list(nodes)}, not {r.mode} over {list(want)}")
+        got = numa.placement(addr + r.start, r.stop - r.start)
+        off = {k: v for k, v in got.items() if k == "absent" or int(k) not in want}
+        if off:
+            raise VerifyFailed(f"{what}: pages {off} are not on real node(s) {list(want)} (placement {got})")
+
+
+def verify_run(plan, run_id: str, shm_dir: str | None, topology: Any = None) -> dict[ArrayKey, list[int]]:
     """Checksum every piece from the source and from its segment; raise VerifyFailed on the first
-    difference (naming segment, layer, proj, kind, expert); return the checksums."""
+    difference (naming segment, layer, proj, kind, expert); with ``topology`` (its nodes' real
+    nodes) also :func:`check_placement` of every segment's ranges; return the checksums."""
     sums = source_checksums(plan)
+    real_of = {n.id: n.real_node for n in topology.nodes} if topology is not None else None
     for s in plan.segments:
         name = shm.segment_name(run_id, s.layer, s.node)
         mm = _map(name, s.size, shm_dir)
         try:
+            if real_of is not None:
+                check_placement(mm, name, s.ranges(), real_of)
             for a in s.arrays:
                 got = buffer_checksums(mm, a.offset, a.stride, a.count)
                 want = sums[(a.layer, a.node, a.proj, a.kind)]

@@ -4,7 +4,8 @@ Started by the coordinator with pipes; the messages are ktnuma.stage.protocol's.
 standard library and ktnuma's host modules (numpy lazily, for strided packing and conversions); never
 torch, gguf or safetensors. It executes what it is sent and plans nothing.
 
-A job may create this node's segment (O_CREX 0600, mmap, mbind to the backing real node, then
+A job may create this node's segment (O_CREX 0600, mmap, mbind to the backing real node -- or, when the
+job carries a per-range policy (split tp-whole), each range bound or interleaved as it says -- then
 posix_fallocate: pages placed before the first byte lands) and may run read ops that write into any
 segment of the layer (all exist by then: the coordinator sequences it). Placement is read back with
 move_pages after the job's own writes. A segment this worker created stays its own to remove until
@@ -97,7 +98,10 @@ class Worker:
             raise ParentGone()
 
     # ------------------------------------------------------------------ one job
-    def _create(self, name: str, size: int) -> tuple[int, object, int]:
+    def _create(self, name: str, size: int, policy: list | None = None) -> tuple[int, object, int]:
+        """Create, map and place the segment: ``policy`` = [[start, stop, mode, [real node, ...]], ...]
+        (the plan's ranges, mapped to real nodes by the coordinator), else the whole segment bound
+        to this worker's real node; then reserve its space (pages placed by the policy)."""
         fd = shm.create(name, self.shm_dir)  # FileExistsError: someone else's; never touched
         with self.lock:
             self.unfinished.add(name)
@@ -105,7 +109,8 @@ class Worker:
             os.ftruncate(fd, size)  # sparse: no page is touched before mbind
             mm = shm.map_fd(fd, size)
             addr = numa.address_of(mm)
-            numa.mbind(addr, size, self.real_node)
+            for start, stop, mode, nodes in policy or ((0, size, "bind", (self.real_node,)),):
+                numa.mbind(addr + start, stop - start, nodes[0], mode, nodes)
             os.posix_fallocate(fd, 0, size)
             return fd, mm, addr
         except BaseException:
@@ -140,7 +145,7 @@ class Worker:
         fd, mm, ops, ok = -1, None, None, False
         try:
             if create:
-                fd, mm, addr = self._create(name, size)
+                fd, mm, addr = self._create(name, size, create.get("policy"))
             steps = protocol.unpack_ops(msg.get("ops"))
             if steps:
                 ops = JobOps(self.src, {int(k): v for k, v in msg["segments"].items()}, self.shm_dir, self.check)
