@@ -5,8 +5,8 @@
 read exactly once, no byte is read twice, every destination byte is written exactly once; the result
 must equal `execute_arrays(plan)`, which reads each record's piece on its own. Bytes never written stay
 0xEE so a gap or a short write shows up. `reference_piece(index, group, k, slice)` is the
-independent reference: the numpy slice of source piece k named by a record's `slice`,
-after the group's conversion.
+independent reference: the numpy slice of source piece k named by a record's `slice` (on the source
+piece: a transposing conversion stages it transposed), after the group's conversion.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from ktnuma.index.dtypes import CONVERSIONS, convert
+from ktnuma.index.dtypes import CONVERSIONS, convert, transposes
 from ktnuma.index.model import ModelIndex, PieceGroup
 from ktnuma.plan.ops import layer_ops
 from ktnuma.plan.planner import ArrayPlan, Plan
@@ -49,8 +49,8 @@ def execute_arrays(plan: Plan) -> dict[tuple[int, int], bytearray]:
                 for k in range(a.count):
                     src = read_piece_op(fds, a, k)
                     dst = mv[a.offset + k * a.stride : a.offset + (k + 1) * a.stride]
-                    if a.conversion:
-                        convert(a.conversion, src, dst)
+                    if a.conversion:  # a transposed piece: its gathered rows are the staged columns
+                        convert(a.conversion, src, dst, a.shape[-1] if transposes(a.conversion) else a.rows)
                     else:
                         assert len(src) == len(dst)
                         dst[:] = src
@@ -99,7 +99,7 @@ def execute(plan: Plan, io: str = "buffered") -> dict[tuple[int, int], bytearray
                         out = memoryview(segs[(layer, w.node)])[w.dest:w.dest + w.nbytes]
                         assert len(out) == w.nbytes, "write past the segment"
                         if w.conversion:
-                            convert(w.conversion, rows.tobytes(), out)
+                            convert(w.conversion, rows.tobytes(), out, w.rows)
                         else:
                             out[:] = rows.tobytes()
                         written[(layer, w.node)][w.dest:w.dest + w.nbytes] += 1
@@ -118,8 +118,10 @@ def _piece_array(index: ModelIndex, g: PieceGroup, k: int) -> np.ndarray:
     """Piece k of g as a numpy array of opaque items: elements, or GGUF blocks along columns."""
     with open(index.files[g.files[k]].path, "rb") as f:
         f.seek(g.offsets[k])
-        raw = f.read(g.nbytes)
-    assert len(raw) == g.nbytes
+        raw = f.read(g.span)
+    assert len(raw) == g.span
+    if g.strided:  # rows of row_bytes, row_stride apart (a column chunk or a row interleave of a stack)
+        raw = b"".join(raw[r * g.row_stride:r * g.row_stride + g.row_bytes] for r in range(g.rows))
     shape = g.shape if len(g.shape) > 1 else (g.shape[0],)
     if g.quantum > 1:
         rows, cols = shape
@@ -140,6 +142,6 @@ def reference_piece(index: ModelIndex, g: PieceGroup, k: int, slc: tuple[int, in
     src = np.ascontiguousarray(arr).tobytes()
     if g.conversion is None:
         return src
-    dst = bytearray(len(src) * CONVERSIONS[g.conversion].ratio)
-    convert(g.conversion, src, memoryview(dst))
+    dst = bytearray(int(len(src) * CONVERSIONS[g.conversion].ratio))
+    convert(g.conversion, src, memoryview(dst), arr.shape[0])  # rows: what a transposing conversion swaps
     return bytes(dst)

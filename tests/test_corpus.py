@@ -102,8 +102,8 @@ def _check_manifest(man: dict, rec: dict, src, split: str, nodes: int) -> int:
             if sl is None:
                 seen.setdefault((L, e, proj, kind), []).append(None)
                 continue
-            staged = oracle.oriented(piece, a)  # as the record declares it (table orientation or stored)
-            i_dim = (0 if proj in ("gate", "up") else 1) ^ (staged.shape != piece.shape)
+            staged = oracle.oriented(piece, a)  # the table orientation, whatever the checkpoint stores
+            i_dim = 0 if proj in ("gate", "up") else 1
             assert sl["dim"] == i_dim, f"L{L} e{e} {proj} {kind}: tp slice on dim {sl['dim']}, I is dim {i_dim}"
             ext = staged.shape[i_dim]
             if isinstance(src, oracle.GGUFSource) and i_dim == 1:

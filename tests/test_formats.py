@@ -6,7 +6,8 @@ safetensors headers itself and applies each format's documented staging rule wit
 - NVFP4 (ModelOpt: E2M1 u8 + e4m3 `weight_scale` per 16 + f32 `weight_scale_2`): as stored, the globals
   in the scale records' `global_scale`;
 - FP8 block with bf16 `weight_scale` (llm-compressor FP8_BLOCK): scales exactly converted to f32;
-- gpt-oss `gate_up_proj` [E, H, 2I] interleaved: gate = even columns, up = odd, [H, I] pieces; down [I, H];
+- gpt-oss `gate_up_proj` [E, H, 2I] interleaved: gate = even columns, up = odd, staged transposed as
+  bf16 [I, H]; `down_proj` [E, I, H] staged transposed as [H, I];
 - Granite / GraniteMoeSWA / JetMoe stacked [E, 2I, H] gate-then-up + [E, H, I];
 - Inkling2 `model.llm.layers.{L}.mlp.experts.w13_weight` [E, 2I, H], gate = even rows, up = odd (as stored,
   gathered row by row) + `w2_weight` [E, H, I];
@@ -79,10 +80,11 @@ MX = "model.layers.{L}.block_sparse_moe.experts.{e}.{w}"
 def _stacked(gu: str, dn: str, order: str):
     def piece(ts: Tensors, layer: int, e: int, proj: str, kind: str) -> np.ndarray:
         if proj == "down":
-            return ts[dn.format(L=layer)][e]
+            d = ts[dn.format(L=layer)][e]
+            return d.T if order == "gpt-oss" else d  # gpt-oss [I, H], staged transposed: [H, I]
         g = ts[gu.format(L=layer)][e]
-        if order == "gpt-oss":  # [H, 2I]: gate = even columns, up = odd, staged exactly as f32
-            return _bf16_to_f32_bytes(g[:, 0::2] if proj == "gate" else g[:, 1::2])
+        if order == "gpt-oss":  # [H, 2I]: gate = even columns, up = odd, staged transposed as bf16 [I, H]
+            return (g[:, 0::2] if proj == "gate" else g[:, 1::2]).T
         if order == "rows":  # [2I, H]: gate = even rows, up = odd, as stored
             return g[0::2] if proj == "gate" else g[1::2]
         i = g.shape[0] // 2  # [2I, H]: gate rows then up rows
@@ -180,6 +182,7 @@ def test_launch_stages_format_byte_exact(case, split, nodes, synth_model, run_re
                     assert rec["global_scale"] == want and all(math.isfinite(v) for v in want)
         if case == "gpt-oss":
             assert m["model"]["naming"] == "gpt-oss" and "not staged" in notes["biases"]
+            assert {rec["dtype"] for rec in m["arrays"]} == {"bf16"}
         if case == "inkling2":
             assert m["model"]["naming"] == "inkling2" and "even rows" in notes["layout"]
             assert {rec["dtype"] for rec in m["arrays"]} == {"bf16"}

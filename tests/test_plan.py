@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from ktnuma.cli import as_flags
 from ktnuma.errors import PlanInvalid, SplitError, TopologyError
-from ktnuma.index.dtypes import GGML_TYPES, itemsize
+from ktnuma.index.dtypes import GGML_TYPES, itemsize, transposes
 from ktnuma.index.model import PROJS, ModelConfig, ModelIndex, PieceGroup, SourceFile
 from ktnuma.plan.planner import (
     ALIGN,
@@ -249,20 +249,35 @@ def check_plan_bytes(index: ModelIndex, nodes, split: str) -> Plan:
                 assert [n for n, _, _ in got] == list(ids), "node i must hold the i-th slice"
                 assert got[0][1][1] == 0 and got[-1][1][2] == g.shape[g.i_dim]
                 assert all(a[1][2] == b[1][1] for a, b in zip(got, got[1:]))
-                if g.i_dim == 0:
+                flip = transposes(g.conversion)  # staged transposed: the I dim and the rows swap
+                if g.i_dim ^ flip == 0:
                     stitched = b"".join(b for _, _, b in got)
                 else:
                     stitched = np.hstack(
-                        [np.frombuffer(b, np.uint8).reshape(g.rows, -1) for _, _, b in got]
+                        [np.frombuffer(b, np.uint8).reshape(g.cols if flip else g.rows, -1) for _, _, b in got]
                     ).tobytes()
                 assert stitched == whole
     # read once at any node count: a layer's ops read exactly its pieces' bytes (replicated ones once)
     for layer in p.layers:
         for io in ("buffered", "direct"):
             read = sum(op.length for ops in layer_ops(p, layer, io=io).values() for op in ops)
-            assert read == sum(g.count * g.nbytes for g in index.groups if g.layer == layer), (layer, split, ids, io)
+            assert read == _distinct_bytes(index, layer), (layer, split, ids, io)
     check_drops(p, index)
     return p
+
+
+def _distinct_bytes(index: ModelIndex, layer: int) -> int:
+    """Source bytes of the layer's pieces, each byte once (gpt-oss gate and up share their bytes; a
+    strided piece's span includes the rows of the piece interleaved with it)."""
+    spans = sorted((f, o, o + g.span) for g in index.groups if g.layer == layer for f, o in zip(g.files, g.offsets))
+    total, cur = 0, (-1, 0, 0)
+    for f, a, b in spans:
+        if f == cur[0] and a <= cur[2]:
+            cur = (f, cur[1], max(cur[2], b))
+            continue
+        total += cur[2] - cur[1]
+        cur = (f, a, b)
+    return total + cur[2] - cur[1]
 
 
 def check_drops(p: Plan, index: ModelIndex) -> None:
@@ -281,8 +296,8 @@ def check_drops(p: Plan, index: ModelIndex) -> None:
             if g.layer != layer:
                 continue
             for f, o in zip(g.files, g.offsets):
-                assert any(s <= o and o + g.nbytes <= e for s, e in by_file[f])
-                pages.update((f, x) for x in range(o // PAGE, -(-(o + g.nbytes) // PAGE)))
+                assert any(s <= o and o + g.span <= e for s, e in by_file[f])
+                pages.update((f, x) for x in range(o // PAGE, -(-(o + g.span) // PAGE)))
         assert sum(r.length for r in ranges) == len(pages) * PAGE, "drops hold exactly the pages read"
 
 
@@ -625,6 +640,64 @@ def test_synth_models_every_format_and_split(tmp_path, fmt, kw):
             continue
         assert not (amx and n != 2)
         check_plan_bytes(idx, list(range(n)), split)
+
+
+# stored transposed stacks: (gate_up name, down name, gate/up interleaved)
+TRANSPOSED = {
+    "llama4": ("model.layers.{L}.feed_forward.experts.gate_up_proj", "model.layers.{L}.feed_forward.experts.down_proj",
+               False),
+    "aria": ("model.layers.{L}.mlp.experts.fc1.weight", "model.layers.{L}.mlp.experts.fc2.weight", False),
+    "gpt-oss": ("model.layers.{L}.mlp.experts.gate_up_proj", "model.layers.{L}.mlp.experts.down_proj", True),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TRANSPOSED))
+def test_transposed_stacks_stage_in_table_orientation(tmp_path, family):
+    """Llama4 / Aria ([E, H, 2I] gate columns then up, [E, I, H]) and gpt-oss (gate/up interleaved by
+    columns) from random bytes: every split plans, validates and executes byte-exact, and each staged
+    piece is the stored one transposed, numpy's reading of the tensors: gate/up [I, H], down [H, I],
+    node i's gate rows = source columns [i*I/N, (i+1)*I/N) of the gate half, down's its columns."""
+    from ktnuma.index.experts import index_model
+    from ktnuma.tools.st_write import StTensor, write_safetensors
+
+    E, H, I, layers = 5, 64, 96, (0, 1)
+    gu_name, dn_name, interleaved = TRANSPOSED[family]
+    rng = np.random.default_rng(11)
+    arrays = {}
+    for L in layers:
+        arrays[gu_name.format(L=L)] = rng.integers(0, 1 << 16, (E, H, 2 * I), dtype=np.uint16)
+        arrays[dn_name.format(L=L)] = rng.integers(0, 1 << 16, (E, I, H), dtype=np.uint16)
+    write_safetensors(str(tmp_path / "model.safetensors"),
+                      [StTensor(n, "BF16", a.shape, lambda a=a: a) for n, a in arrays.items()])
+    idx = index_model(str(tmp_path))
+
+    def stored(L: int, e: int, proj: str) -> np.ndarray:  # [out, in]: gate/up [I, H], down [H, I]
+        if proj == "down":
+            return arrays[dn_name.format(L=L)][e].T
+        gu = arrays[gu_name.format(L=L)][e]
+        half = (gu[:, 0::2] if proj == "gate" else gu[:, 1::2]) if interleaved else \
+            (gu[:, :I] if proj == "gate" else gu[:, I:])
+        return half.T
+
+    for split, n in (("tp", 1), ("tp", 2), ("tp", 3), ("tp", 4), ("ep", 2), ("ep", 4)):
+        p = check_plan_bytes(idx, list(range(n)), split)
+        segs = execute(p)
+        for rec, s in zip(manifest_arrays(p, "s{layer}.{node}"), (s for s in p.segments for _ in s.arrays)):
+            want_shape = (I, H) if rec["proj"] != "down" else (H, I)
+            sl = rec["slice"]
+            assert rec["dtype"] == "bf16" and (sl is None or sl["dim"] == (rec["proj"] == "down"))
+            first, count = rec["experts"]
+            for e in range(first, first + count):
+                want = stored(rec["layer"], e, rec["proj"])
+                if sl is not None:
+                    want = want[sl["start"]:sl["stop"]] if sl["dim"] == 0 else want[:, sl["start"]:sl["stop"]]
+                    assert sl["stop"] - sl["start"] == I // n
+                else:
+                    assert want.shape == want_shape
+                assert list(want.shape) == rec["shape"]
+                at = rec["offset"] + (e - first) * rec["stride"]
+                got = bytes(segs[(s.layer, s.node)][at:at + rec["nbytes"]])
+                assert got == np.ascontiguousarray(want).tobytes(), (family, split, n, rec["proj"], e, sl)
 
 
 def test_synth_refusal_on_misaligned_fp8(tmp_path):

@@ -136,34 +136,41 @@ def _bf16_to_f32(src: memoryview | bytes, dst: memoryview) -> None:
     np.left_shift(np.frombuffer(src, dtype="<u2"), 16, out=out, dtype="<u4", casting="unsafe")
 
 
-def _bf16_phase_to_f32(phase: int) -> Callable[[memoryview | bytes, memoryview], None]:
-    def fn(src: memoryview | bytes, dst: memoryview) -> None:
-        """Every other bf16 element from `phase` (gpt-oss gate = even, up = odd columns of gate_up_proj),
-        exactly as f32: a (gate, up) pair of 4 bytes becomes one 4-byte f32, a whole byte ratio."""
+def _bf16_transposed(phase: int | None) -> Callable[..., None]:
+    def fn(src: memoryview | bytes, dst: memoryview, rows: int) -> None:
+        """The gathered [rows, n] bf16 piece staged as [n, rows] (Llama4/Aria gate/up and down are stored
+        [H, I] and [I, H], the engine takes [I, H] and [H, I]); with a phase, only every other element
+        of each row from `phase` is kept first (gpt-oss gate = even, up = odd columns of gate_up_proj).
+        Bits moved, never changed."""
         import numpy as np
 
-        out = np.frombuffer(dst, dtype="<u4")
-        np.left_shift(np.frombuffer(src, dtype="<u2")[phase::2], 16, out=out, dtype="<u4", casting="unsafe")
+        a = np.frombuffer(src, dtype="<u2").reshape(rows, -1)
+        if phase is not None:
+            a = a[:, phase::2]
+        np.copyto(np.frombuffer(dst, dtype="<u2").reshape(a.shape[1], rows), a.T)
     return fn
 
 
 @dataclass(frozen=True)
 class Conversion:
-    """A byte transform applied while staging: n source elements -> n * keep staged elements."""
+    """A byte transform applied while staging: n source elements -> n * keep staged elements.
+
+    A transposing conversion (`transposes`) takes the piece's gathered rows as a whole, [rows, n]
+    elements, and stages them as [n * keep, rows]: its writes are never cut between rows, and the
+    staged shape is the gathered one reversed (`fn(src, dst, rows)`; the others are `fn(src, dst)`)."""
 
     name: str
     src: str
     dst: str
-    fn: Callable[[memoryview | bytes, memoryview], None]
+    fn: Callable[..., None]
     keep: Fraction = Fraction(1)  # share of the source elements that are staged (1/2: de-interleave)
+    transposes: bool = False
 
     @property
-    def ratio(self) -> int:
-        """Staged bytes per source byte: a whole number for every entry (the executor writes whole
-        byte counts; a de-interleave that kept half the bytes would not be)."""
-        r = Fraction(DTYPES[self.dst].itemsize, DTYPES[self.src].itemsize) * self.keep
-        assert r.denominator == 1, self.name
-        return int(r)
+    def ratio(self) -> Fraction:
+        """Staged bytes per source byte (1/2 for a bf16 de-interleave: a write's byte count must
+        come out whole, which the planner checks)."""
+        return Fraction(DTYPES[self.dst].itemsize, DTYPES[self.src].itemsize) * self.keep
 
 
 CONVERSIONS: dict[str, Conversion] = {
@@ -172,12 +179,23 @@ CONVERSIONS: dict[str, Conversion] = {
         Conversion("ue8m0->bf16", "u8", "bf16", _ue8m0_to_bf16),  # mxfp4 scales
         Conversion("f16->f32", "f16", "f32", _f16_to_f32),  # GPTQ scales
         Conversion("bf16->f32", "bf16", "f32", _bf16_to_f32),  # llm-compressor FP8_BLOCK scales
-        Conversion("bf16-even->f32", "bf16", "f32", _bf16_phase_to_f32(0), Fraction(1, 2)),  # gpt-oss gate
-        Conversion("bf16-odd->f32", "bf16", "f32", _bf16_phase_to_f32(1), Fraction(1, 2)),  # gpt-oss up
+        Conversion("bf16-T", "bf16", "bf16", _bf16_transposed(None), transposes=True),  # llama4/aria
+        Conversion("bf16-even-T", "bf16", "bf16", _bf16_transposed(0), Fraction(1, 2), True),  # gpt-oss gate
+        Conversion("bf16-odd-T", "bf16", "bf16", _bf16_transposed(1), Fraction(1, 2), True),  # gpt-oss up
     )
 }
 
 
-def convert(name: str, src: memoryview | bytes, dst: memoryview) -> None:
-    """Apply conversion `name` from `src` bytes into `dst` (len(dst) == len(src) * ratio)."""
-    CONVERSIONS[name].fn(src, dst)
+def transposes(name: str | None) -> bool:
+    """Whether conversion `name` stages a piece's gathered rows transposed."""
+    return name is not None and CONVERSIONS[name].transposes
+
+
+def convert(name: str, src: memoryview | bytes, dst: memoryview, rows: int = 1) -> None:
+    """Apply conversion `name` from `src` bytes into `dst` (len(dst) == len(src) * ratio); `rows`: the
+    rows `src` was gathered as (what a transposing conversion turns into columns)."""
+    c = CONVERSIONS[name]
+    if c.transposes:
+        c.fn(src, dst, rows)
+    else:
+        c.fn(src, dst)

@@ -48,9 +48,10 @@ class PieceGroup:
     `i_unit` is how many I elements one stored index along `i_dim` covers (8 for int4
     packed in int32 along I, 2 for mxfp4 bytes, 128 for fp8 block scales, gs for group
     scales, 1 otherwise); `unit_note` names that unit for error messages.
-    `conversion` names a CONVERSIONS entry applied while staging (None: bytes as stored),
-    `staged_dtype` is the dtype after it. `row_stride` (strided pieces: a chunk or a row
-    interleave of a stacked tensor) is the stored distance between rows of `row_bytes` each.
+    `conversion` names a CONVERSIONS entry applied while staging (None: bytes as stored; a
+    transposing one stages the piece, or its cut, transposed), `staged_dtype` is the dtype after
+    it. `row_stride` (strided pieces: a chunk or a row interleave of a stacked tensor) is the
+    stored distance between rows of `row_bytes` each.
     """
 
     layer: int

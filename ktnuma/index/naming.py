@@ -19,6 +19,7 @@ _W = {"w1": "gate", "w3": "up", "w2": "down"}
 _GG = {"gate": "gate", "up": "up", "down": "down"}
 _GU = {"gate_up": "gate_up", "down": "down"}
 _W13 = {"w13": "gate_up", "w2": "down"}  # Inkling2
+_FC = {"fc1": "gate_up", "fc2": "down"}  # Aria
 _IO = {"input": "gate_up", "output": "down"}  # Granite/JetMoe input_linear = gate and up, output_linear = down
 
 
@@ -50,6 +51,8 @@ NAMING_RULES: tuple[NamingRule, ...] = (
     NamingRule("granite", re.compile(_LAYER + r"\.block_sparse_moe\.(?P<proj>input|output)_linear\.(?P<suffix>weight)$"), _IO, "stacked"),
     NamingRule("jetmoe", re.compile(_LAYER + r"\.mlp\.(?P<proj>input|output)_linear\.(?P<suffix>weight)$"), _IO, "stacked"),
     # stacked, storage order fixed by the model family (layouts/stacked.ORDER_OF_NAMING)
+    NamingRule("llama4", re.compile(_LAYER + r"\.feed_forward\.experts\.(?P<proj>gate_up|down)_proj$"), _GU, "stacked"),
+    NamingRule("aria", re.compile(_LAYER + r"\.mlp\.experts\.(?P<proj>fc1|fc2)\.(?P<suffix>weight)$"), _FC, "stacked"),
     NamingRule("inkling2", re.compile(_LAYER + r"\.mlp\.experts\.(?P<proj>w13|w2)_(?P<suffix>weight)$"), _W13, "stacked"),
     NamingRule("amx", re.compile(r"^blk\.(?P<layer>\d+)\.ffn_(?P<proj>gate|up|down)_exps\.(?P<expert>\d+)\.numa\.(?P<shard>\d+)" + _SUFFIX), _GG, "amx"),
     NamingRule("gguf", re.compile(r"^blk\.(?P<layer>\d+)\.ffn_(?P<proj>gate|up|down)_exps\.(?P<suffix>weight)$"), _GG, "gguf", ".gguf"),
@@ -70,17 +73,6 @@ REFUSED_SUFFIXES: dict[str, str] = {
               "not supported: no engine here takes that layout (kt-kernel 0.7.2's MXFP4 loader reads per-expert "
               "DeepSeek-V4 .weight/.scale tensors only); save the model dequantized to bf16 and stage that",
 }
-
-
-# expert layouts recognised but not staged: a tensor matching one names the missing feature instead of
-# "no routed-expert tensors found"
-_TRANSPOSED = ("stored transposed against [out, in] (gate/up [E, H, 2I], gate = the first I columns, up = the "
-               "last I; down [E, I, H]); kt-kernel takes gate/up [I, H] and down [H, I] and checks only dtype and "
-               "shape, and ktnuma has no transposing conversion yet, so it refuses rather than stage them as stored")
-REFUSED_LAYOUTS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(_LAYER + r"\.feed_forward\.experts\.(?:gate_up|down)_proj$"), "Llama4 expert layout: " + _TRANSPOSED),
-    (re.compile(_LAYER + r"\.mlp\.experts\.fc[12]\.weight$"), "Aria expert layout: " + _TRANSPOSED),
-)
 
 
 @dataclass(frozen=True)
@@ -115,10 +107,6 @@ def match(extents: list[TensorExtent], files: list[str], ext_of_file: list[str])
             by_rule[rule.naming].append(Hit(int(g["layer"]), expert, rule.projs[g["proj"]], suffix, shard, e))
             break
     if not by_rule:
-        for e in extents:
-            for pattern, why in REFUSED_LAYOUTS:
-                if pattern.match(e.name):
-                    raise UnsupportedQuantization(f"{files[e.file]}: tensor {e.name!r}: {why}")
         raise ModelError(f"{os.path.dirname(files[0])}: no routed-expert tensors found (namings tried: "
                          f"{', '.join(r.naming for r in NAMING_RULES)})")
     if len(by_rule) > 1:

@@ -3,11 +3,12 @@ piece's cut, and one segment's proj-major layout (each array 64-byte aligned). P
 from __future__ import annotations
 
 from collections.abc import Iterable
+from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
 from ktnuma.errors import SplitError, TopologyError
-from ktnuma.index.dtypes import CONVERSIONS
+from ktnuma.index.dtypes import CONVERSIONS, transposes
 from ktnuma.index.model import KINDS, PROJS, ModelIndex, PieceGroup
 from ktnuma.index.quant import family as format_family  # noqa: F401 (re-exported by the planner)
 from ktnuma.plan.records import ALIGN, ArrayPlan, SegmentPlan
@@ -30,9 +31,21 @@ def node_ids(topology: Any) -> tuple[int, ...]:
     return ids
 
 
-def ratio(g: Any) -> int:
+def ratio(g: Any) -> Fraction | int:
     """Bytes staged per byte read (the conversion's ratio); `g` is a PieceGroup or ArrayPlan."""
-    return CONVERSIONS[g.conversion].ratio if g.conversion else 1
+    if not g.conversion:
+        return 1
+    r = CONVERSIONS[g.conversion].ratio
+    return int(r) if r.denominator == 1 else r
+
+
+def staged_slice(a: Any) -> tuple[int, int, int] | None:
+    """An ArrayPlan's slice on the staged piece: `a.slice` names the cut on the source piece, whose
+    dims a transposing conversion swaps (the manifest indexes the piece as staged)."""
+    if a.slice is None or not transposes(a.conversion):
+        return a.slice
+    dim, start, stop = a.slice
+    return 1 - dim, start, stop
 
 
 def staged_dtype(g: PieceGroup) -> str:
@@ -124,10 +137,14 @@ def array(g: PieceGroup, node: int, lo: int, hi: int, geom: Geometry, offset: in
     """Experts [lo, hi) (positions in g) of g cut as `geom`, stacked at segment `offset`."""
     slc, shape, delta, rows, run, src_stride = geom
     full = (lo, hi) == (0, g.count)
+    staged = rows * run * ratio(g)
+    if staged != int(staged):
+        raise SplitError(f"{g.tensors[0] if g.tensors else g.proj}: a {rows}x{run}-byte cut does not stage whole "
+                         f"bytes through {g.conversion}")
     return ArrayPlan(
         layer=g.layer, node=node, proj=g.proj, kind=g.kind, offset=offset,
-        first=g.first + lo, count=hi - lo, stride=rows * run * ratio(g), dtype=staged_dtype(g),
-        shape=tuple(shape), slice=slc,
+        first=g.first + lo, count=hi - lo, stride=int(staged), dtype=staged_dtype(g),
+        shape=tuple(shape[::-1] if transposes(g.conversion) else shape), slice=slc,
         files=g.files if full else g.files[lo:hi],
         src_offsets=_shift(g.offsets if full else g.offsets[lo:hi], delta),
         rows=rows, run=run, src_stride=src_stride, conversion=g.conversion, shard=g.shard,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Callable
 
+from ktnuma.index.dtypes import transposes
 from ktnuma.plan.layout import ratio
 from ktnuma.plan.ops import ReadOp, Write, layer_ops
 from ktnuma.plan.records import ArrayPlan, Plan
@@ -44,8 +45,24 @@ def _locate(segs, starts, node: int, dest: int) -> tuple[ArrayPlan, int, int] | 
     return a, k, dest - a.offset - k * a.stride
 
 
+def _transposed_ok(segs, starts, op: ReadOp, w: Write) -> bool:
+    """A transposing write: exactly one whole piece, taken as the rows the staged piece has as columns."""
+    at = _locate(segs, starts, w.node, w.dest)
+    if at is None:
+        return False
+    a, k, within = at
+    if a.rows > 1:
+        takes = (w.rows, w.run, w.stride) == (a.rows, a.run, a.src_stride)
+    else:
+        takes = w.run == w.stride and w.rows * w.run == a.run
+    return takes and within == 0 and w.rows == a.shape[-1] and w.nbytes == a.stride \
+        and (w.conversion, w.ratio, op.file, op.offset + w.src) == (a.conversion, ratio(a), a.files[k], a.src_offsets[k])
+
+
 def _write_ok(segs, starts, op: ReadOp, w: Write) -> bool:
     """Whether w takes exactly the bytes the records name for the destination bytes it writes."""
+    if transposes(w.conversion):
+        return _transposed_ok(segs, starts, op, w)
     if w.rows == 1 or w.run == w.stride:  # contiguous: may run over consecutive pieces (coalesced)
         pos, src, left = w.dest, op.offset + w.src, w.rows * w.run
         while left > 0:

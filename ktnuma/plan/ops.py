@@ -12,14 +12,18 @@ overlap them; adjacent small reads of one node are coalesced.
 
 A ReadOp reads `length` bytes at `offset` of file `file`; each of its Writes takes `rows` runs of
 `run` bytes, `stride` apart, starting `src` bytes into the read, converts them (`conversion`) and
-writes them contiguously at byte `dest` of node `node`'s segment of the layer.
+writes them contiguously at byte `dest` of node `node`'s segment of the layer. A transposing
+conversion (index.dtypes) stages its rows as columns: its write is always one whole piece, `rows`
+being the piece's gathered rows (even where they are contiguous), and is never cut.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
+from ktnuma.index.dtypes import transposes
 from ktnuma.plan.layout import ratio
-from ktnuma.plan.records import Plan
+from ktnuma.plan.records import ArrayPlan, Plan
 
 CHUNK = 8 << 20  # bytes per read op, roughly (a worker thread's unit of work)
 
@@ -33,12 +37,12 @@ class Write:
     run: int
     stride: int
     conversion: str | None = None
-    ratio: int = 1
+    ratio: Fraction | int = 1
 
     @property
     def nbytes(self) -> int:
         """Bytes written into the segment (after conversion)."""
-        return self.rows * self.run * self.ratio
+        return int(self.rows * self.run * self.ratio)
 
     @property
     def span(self) -> int:
@@ -62,17 +66,27 @@ class ReadOp:
         return w.src == 0 and w.rows == 1 and w.run == self.length and w.conversion is None
 
 
+def write_rows(a: ArrayPlan) -> tuple[int, int, int]:
+    """(rows, run, stride) a write of one whole piece of `a` takes: a contiguous piece is one run
+    (rows 1), except under a transposing conversion, which needs the rows it turns into columns (the
+    staged piece's last dim)."""
+    if transposes(a.conversion):
+        rows = a.shape[-1]
+        run = a.rows * a.run // rows
+        return rows, run, (a.src_stride if a.rows > 1 else run)
+    if a.rows == 1 or a.run == a.src_stride:
+        return 1, a.rows * a.run, a.rows * a.run
+    return a.rows, a.run, a.src_stride
+
+
 def _pieces(plan: Plan, layer: int) -> list[tuple]:
-    """(file, start, end, node, dest, rows, run, stride, conversion, ratio) per destination piece;
-    a contiguous piece is one run (rows 1)."""
+    """(file, start, end, node, dest, rows, run, stride, conversion, ratio) per destination piece
+    (rows, run, stride: `write_rows`)."""
     out = []
     for s in plan.layer_segments(layer):
         for a in s.arrays:
             r = ratio(a)
-            if a.rows == 1 or a.run == a.src_stride:
-                rows, run, stride = 1, a.rows * a.run, a.rows * a.run
-            else:
-                rows, run, stride = a.rows, a.run, a.src_stride
+            rows, run, stride = write_rows(a)
             span = (rows - 1) * stride + run
             for k in range(a.count):
                 src = a.src_offsets[k]
@@ -102,21 +116,22 @@ def _chunks(region: list[tuple], chunk: int) -> list[ReadOp]:
     file, start = region[0][0], region[0][1]
     rows, run, stride = region[0][5], region[0][6], region[0][7]
     single = len(region) == 1
-    if rows == 1 and (single or all(p[1] == start and p[5] == 1 and p[6] == run for p in region)):
+    whole = any(transposes(p[8]) for p in region)  # a transposed piece is written whole: never cut
+    if rows == 1 and not whole and (single or all(p[1] == start and p[5] == 1 and p[6] == run for p in region)):
         out = []  # contiguous runs from the same first byte (one piece, or replicated copies)
         for lo in range(0, run, chunk):
             n = min(chunk, run - lo)
-            out.append(ReadOp(file, start + lo, n, tuple([Write(p[3], p[4] + lo * p[9], 0, 1, n, n, p[8], p[9])
+            out.append(ReadOp(file, start + lo, n, tuple([Write(p[3], p[4] + int(lo * p[9]), 0, 1, n, n, p[8], p[9])
                                                            for p in region])))
         return out
     if rows > 1 and (single or all(p[5] == rows and p[7] == stride and p[1] - start < stride for p in region)):
-        per = max(1, chunk // stride)  # whole rows of a strided piece, cut between rows
+        per = rows if whole else max(1, chunk // stride)  # whole rows of a strided piece, cut between rows
         last = max(p[1] - start + p[6] for p in region)
         out = []
         for r0 in range(0, rows, per):
             r1 = min(rows, r0 + per)
             out.append(ReadOp(file, start + r0 * stride, (r1 - r0 - 1) * stride + last,
-                              tuple(Write(p[3], p[4] + r0 * p[6] * p[9], p[1] - start, r1 - r0, p[6], stride,
+                              tuple(Write(p[3], p[4] + int(r0 * p[6] * p[9]), p[1] - start, r1 - r0, p[6], stride,
                                           p[8], p[9]) for p in region)))
         return out
     end = max(p[2] for p in region)

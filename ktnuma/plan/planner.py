@@ -13,7 +13,7 @@ from typing import Any
 
 from ktnuma.errors import ConfigMismatch, PlanInvalid
 from ktnuma.index.model import ModelIndex, PieceGroup
-from ktnuma.plan.layout import ep_blocks, format_family, layout_key, node_ids, where
+from ktnuma.plan.layout import ep_blocks, format_family, layout_key, node_ids, staged_slice, where
 from ktnuma.plan.records import (ALIGN, PAGE, ArrayPlan, DropRange, LayerInput, Plan, SegmentPlan,
                                  Split)
 from ktnuma.plan.splits import SPLITS, check_split, split_rule
@@ -112,9 +112,7 @@ def manifest_arrays(plan: Plan, segment_name: Callable[[int, int], str] | str) -
                     "nbytes": a.nbytes,
                     "dtype": a.dtype,
                     "shape": list(a.shape),
-                    "slice": None
-                    if a.slice is None
-                    else {"dim": a.slice[0], "start": a.slice[1], "stop": a.slice[2]},
+                    "slice": None if a.slice is None else dict(zip(("dim", "start", "stop"), staged_slice(a))),
                 }
             )
     return out

@@ -95,7 +95,7 @@ def unpack_ints(v: list[int] | dict[str, int]) -> Sequence[int]:
 
 
 _OP_COLS = ("file", "offset", "length", "nwrites")
-_W_COLS = ("node", "dest", "src", "rows", "run", "stride", "ratio")
+_W_COLS = ("node", "dest", "src", "rows", "run", "stride", "nbytes")  # nbytes: written (after conversion)
 
 
 def pack_ops(ops: Iterable) -> dict:
@@ -111,7 +111,7 @@ def pack_ops(ops: Iterable) -> dict:
     return out
 
 
-# a decoded op: (file, offset, length, ((node, dest, src, rows, run, stride, ratio, conversion), ...))
+# a decoded op: (file, offset, length, ((node, dest, src, rows, run, stride, nbytes, conversion), ...))
 Op = tuple[int, int, int, tuple[tuple, ...]]
 
 

@@ -53,10 +53,10 @@ def source_piece(a, k: int, fds: Mapping[int, int]) -> bytes:
         raise VerifyFailed(f"verify=True: source file ended early reading layer {a.layer} {a.proj} {a.kind} "
                            f"expert {a.first + k} (was it changed?)")
     if a.conversion:
-        from ktnuma.index.dtypes import convert
+        from ktnuma.index.dtypes import convert, transposes
 
-        out = bytearray(a.stride)
-        convert(a.conversion, src, memoryview(out))
+        out = bytearray(a.stride)  # a transposing conversion turns the piece's rows (staged columns) into rows
+        convert(a.conversion, src, memoryview(out), a.shape[-1] if transposes(a.conversion) else a.rows)
         return bytes(out)
     return src
 

@@ -61,17 +61,17 @@ class JobOps:
                 got = self.src.sendfile(self.seg_fd(node), fi, off, dest, length)
                 self._count(got, [(node, length)])
                 return
-        extra = max(w[3] * w[4] * (1 + w[6]) for w in writes)  # packed rows + converted rows
+        extra = max(w[3] * w[4] + w[6] for w in writes)  # packed rows + converted bytes
         data, room, got = self.src.read(fi, off, length, extra)
         done = []
-        for node, dest, s, rows, run, stride, ratio, conv in writes:
-            out = self._pack(data, room, s, rows, run, stride, ratio, conv)
+        for node, dest, s, rows, run, stride, nbytes, conv in writes:
+            out = self._pack(data, room, s, rows, run, stride, nbytes, conv)
             write_full(self.seg_fd(node), out, dest)
             done.append((node, len(out)))
         self._count(got, done)
 
     @staticmethod
-    def _pack(data: memoryview, room: memoryview, s: int, rows: int, run: int, stride: int, ratio: int,
+    def _pack(data: memoryview, room: memoryview, s: int, rows: int, run: int, stride: int, nbytes: int,
               conv: str | None) -> memoryview:
         if rows == 1 or run == stride:
             packed = data[s:s + rows * run]
@@ -94,8 +94,8 @@ class JobOps:
             return packed
         from ktnuma.index.dtypes import convert
 
-        converted = room[rows * run:rows * run * (1 + ratio)]
-        convert(conv, packed, converted)
+        converted = room[rows * run:rows * run + nbytes]
+        convert(conv, packed, converted, rows)  # a transposing conversion turns the rows into columns
         return converted
 
     def run(self, ops: list[Op], pool: ThreadPoolExecutor | None, before: Callable[[int], None]) -> None:

@@ -139,22 +139,18 @@ def bf16_to_f32(a: np.ndarray) -> np.ndarray:
 
 
 def oriented(piece: np.ndarray, rec: dict) -> np.ndarray:
-    """The piece in the orientation the record declares: the formats table's ([I, H] gate/up, [H, I]
-    down) or, for a checkpoint stored transposed and staged as stored (gpt-oss), its transpose. The
-    record's shape (with the sliced dim's extent left open) must match one of the two, nothing else."""
-    if piece.ndim != 2 or piece.shape[0] == piece.shape[1]:
-        return piece
+    """The orientation rule: every record holds its piece in the formats table's orientation (gate/up
+    [I, H], down [H, I]), whatever the checkpoint stores (Llama4 / Aria / gpt-oss stacks are stored
+    transposed and staged transposed back). The record's shape, with its sliced dim's extent left
+    open, must be the piece's (GGUF records count weights along a row: rows only)."""
     shape, sl = list(rec["shape"]), rec.get("slice")
     if rec.get("dtype", "").startswith("gguf:"):
+        assert shape[0] == piece.shape[0] or (sl is not None and sl["dim"] == 0), (shape, piece.shape)
         return piece
-
-    def fits(s: tuple) -> bool:
-        return all(a == b for i, (a, b) in enumerate(zip(s, shape)) if sl is None or i != sl["dim"])
-
-    if fits(piece.shape):
-        return piece
-    assert fits(piece.shape[::-1]), f"record shape {shape} fits neither {list(piece.shape)} nor its transpose"
-    return np.ascontiguousarray(piece.T)
+    assert len(shape) == piece.ndim and all(a == b for i, (a, b) in enumerate(zip(piece.shape, shape))
+                                            if sl is None or i != sl["dim"]), \
+        f"record shape {shape} (slice {sl}) is not the table orientation of the piece {list(piece.shape)}"
+    return piece
 
 
 def expected(src, piece: np.ndarray, rec: dict, layer: int, proj: str) -> bytes:
@@ -168,7 +164,7 @@ def expected(src, piece: np.ndarray, rec: dict, layer: int, proj: str) -> bytes:
             assert a % wpb == 0 and b % wpb == 0, f"slice {sl} not on {wpb}-weight blocks"
             a, b = a // wpb * bpb, b // wpb * bpb
         p = p[a:b] if sl["dim"] == 0 else p[:, a:b]
-    if rec["dtype"] == "f32" and p.dtype == np.uint16:  # bf16 staged as exact f32 (scales, gpt-oss gate/up)
+    if rec["dtype"] == "f32" and p.dtype == np.uint16:  # bf16 staged as exact f32 (FP8_BLOCK scales)
         p = bf16_to_f32(p)
     return np.ascontiguousarray(p).tobytes()
 
