@@ -651,27 +651,22 @@ TRANSPOSED = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(TRANSPOSED))
-def test_transposed_stacks_stage_in_table_orientation(tmp_path, family):
-    """Llama4 / Aria ([E, H, 2I] gate columns then up, [E, I, H]) and gpt-oss (gate/up interleaved by
-    columns) from random bytes: every split plans, validates and executes byte-exact, and each staged
-    piece is the stored one transposed, numpy's reading of the tensors: gate/up [I, H], down [H, I],
-    node i's gate rows = source columns [i*I/N, (i+1)*I/N) of the gate half, down's its columns."""
+def _transposed_model(root, family: str, E: int, H: int, I: int, layers=(0, 1)):
+    """(index, stored) of a `family` stack of random bf16 bits; stored(L, e, proj) is numpy's reading
+    of the piece in the [out, in] orientation: gate/up [I, H], down [H, I]."""
     from ktnuma.index.experts import index_model
     from ktnuma.tools.st_write import StTensor, write_safetensors
 
-    E, H, I, layers = 5, 64, 96, (0, 1)
     gu_name, dn_name, interleaved = TRANSPOSED[family]
     rng = np.random.default_rng(11)
     arrays = {}
     for L in layers:
         arrays[gu_name.format(L=L)] = rng.integers(0, 1 << 16, (E, H, 2 * I), dtype=np.uint16)
         arrays[dn_name.format(L=L)] = rng.integers(0, 1 << 16, (E, I, H), dtype=np.uint16)
-    write_safetensors(str(tmp_path / "model.safetensors"),
+    write_safetensors(os.path.join(root, "model.safetensors"),
                       [StTensor(n, "BF16", a.shape, lambda a=a: a) for n, a in arrays.items()])
-    idx = index_model(str(tmp_path))
 
-    def stored(L: int, e: int, proj: str) -> np.ndarray:  # [out, in]: gate/up [I, H], down [H, I]
+    def stored(L: int, e: int, proj: str) -> np.ndarray:
         if proj == "down":
             return arrays[dn_name.format(L=L)][e].T
         gu = arrays[gu_name.format(L=L)][e]
@@ -679,6 +674,17 @@ def test_transposed_stacks_stage_in_table_orientation(tmp_path, family):
             (gu[:, :I] if proj == "gate" else gu[:, I:])
         return half.T
 
+    return index_model(str(root)), stored
+
+
+@pytest.mark.parametrize("family", sorted(TRANSPOSED))
+def test_transposed_stacks_stage_in_table_orientation(tmp_path, family):
+    """Llama4 / Aria ([E, H, 2I] gate columns then up, [E, I, H]) and gpt-oss (gate/up interleaved by
+    columns) from random bytes: every split plans, validates and executes byte-exact, and each staged
+    piece is the stored one transposed, numpy's reading of the tensors: gate/up [I, H], down [H, I],
+    node i's gate rows = source columns [i*I/N, (i+1)*I/N) of the gate half, down's its columns."""
+    E, H, I = 5, 64, 96
+    idx, stored = _transposed_model(tmp_path, family, E, H, I)
     for split, n in (("tp", 1), ("tp", 2), ("tp", 3), ("tp", 4), ("ep", 2), ("ep", 4)):
         p = check_plan_bytes(idx, list(range(n)), split)
         segs = execute(p)
@@ -698,6 +704,26 @@ def test_transposed_stacks_stage_in_table_orientation(tmp_path, family):
                 at = rec["offset"] + (e - first) * rec["stride"]
                 got = bytes(segs[(s.layer, s.node)][at:at + rec["nbytes"]])
                 assert got == np.ascontiguousarray(want).tobytes(), (family, split, n, rec["proj"], e, sl)
+
+
+@pytest.mark.parametrize("family", ["llama4", "gpt-oss"])
+def test_tp_whole_binds_transposed_pieces_by_their_staged_rows(tmp_path, family):
+    """tp-whole places part i's I rows of the staged piece on node i: gate/up staged [I, H] (the
+    source's columns) are bound row block by row block, down staged [H, I] (I = columns) interleaved."""
+    H, I, n = 64, 128, 2
+    idx, _ = _transposed_model(tmp_path, family, 4, H, I, layers=(0,))
+    p = plan(idx, list(range(n)), "tp-whole")
+    validate(p, idx)
+    b = I // n * H * 2  # one part's rows of a staged gate/up piece: 8192 bytes, whole pages
+    for s in p.segments:
+        for a in s.arrays:
+            for k in range(a.count):
+                base = a.offset + k * a.stride
+                for i in range(n):
+                    lo, hi = base + i * b, base + (i + 1) * b
+                    r = next(r for r in s.ranges() if r.start <= lo < r.stop)
+                    want = ("bind", (p.nodes[i],)) if a.proj != "down" else ("interleave", p.nodes)
+                    assert (r.mode, r.nodes) == want and hi <= r.stop, (a.proj, k, i, r)
 
 
 def test_synth_refusal_on_misaligned_fp8(tmp_path):

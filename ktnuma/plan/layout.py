@@ -39,6 +39,16 @@ def ratio(g: Any) -> Fraction | int:
     return int(r) if r.denominator == 1 else r
 
 
+def staged_i_dim(g: PieceGroup) -> int | None:
+    """g's I dim on the staged piece (a transposing conversion swaps the dims; None: I-independent)."""
+    return None if g.i_dim is None else g.i_dim ^ transposes(g.conversion)
+
+
+def staged_rows(g: PieceGroup) -> int:
+    """Rows of g's whole piece as staged (a transposed piece's rows are the source's columns)."""
+    return g.cols if transposes(g.conversion) else g.rows
+
+
 def staged_slice(a: Any) -> tuple[int, int, int] | None:
     """An ArrayPlan's slice on the staged piece: `a.slice` names the cut on the source piece, whose
     dims a transposing conversion swaps (the manifest indexes the piece as staged)."""

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from ktnuma.index.model import ModelIndex, PieceGroup
 from ktnuma.plan.ep import EP
-from ktnuma.plan.layout import check_shards, ep_blocks, ratio, segment, whole
+from ktnuma.plan.layout import check_shards, ep_blocks, ratio, segment, staged_i_dim, staged_rows, whole
 from ktnuma.plan.records import PAGE, LayerInput, PolicyRange, SegmentPlan, Split
 
 NAME = "tp-whole"
@@ -36,9 +36,9 @@ def part_block(g: PieceGroup, n: int, big_i: int) -> tuple[int | None, str]:
     bytes [i*b, (i+1)*b) of each piece when g's I dim is its rows; bound only if b is whole pages."""
     if g.i_dim is None:
         return None, "I-independent: every part reads it"
-    if g.i_dim != 0:
+    if staged_i_dim(g) != 0:  # (as staged: a transposed piece's rows are the source's columns)
         return None, "its I dim is columns: each part's bytes are strided"
-    if big_i % n or (big_i // n) % g.i_unit or g.rows * g.i_unit != big_i:
+    if big_i % n or (big_i // n) % g.i_unit or staged_rows(g) * g.i_unit != big_i:
         return None, f"moe_intermediate_size {big_i} does not split into {n} whole row blocks"
     staged = g.nbytes * ratio(g)
     b = staged // n

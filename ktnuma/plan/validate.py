@@ -7,7 +7,7 @@ import math
 from ktnuma.errors import PlanInvalid
 from ktnuma.index.model import ModelIndex, PieceGroup
 from ktnuma.plan.opcheck import check_ops
-from ktnuma.plan.layout import quantum_bytes, ratio as ratio_of, staged_dtype
+from ktnuma.plan.layout import quantum_bytes, ratio as ratio_of, staged_dtype, staged_i_dim, staged_rows
 from ktnuma.plan.records import ALIGN, MODES, PAGE, Plan, SegmentPlan
 from ktnuma.plan.splits import SPLITS
 
@@ -212,8 +212,8 @@ def _check_policy(s: SegmentPlan, where: str, pos_of: dict[int, int], groups: di
                     continue
                 g = groups.get((a.layer, a.proj, a.kind, a.shard))
                 staged = a.stride
-                ok = (g is not None and g.i_dim == 0 and big_i % n == 0 and (big_i // n) % g.i_unit == 0
-                      and g.rows * g.i_unit == big_i and staged % n == 0)
+                ok = (g is not None and staged_i_dim(g) == 0 and big_i % n == 0 and (big_i // n) % g.i_unit == 0
+                      and staged_rows(g) * g.i_unit == big_i and staged % n == 0)
                 k0, k1 = (lo - a.offset) // staged, (hi - 1 - a.offset) // staged
                 b = staged // n
                 if not ok or k0 != k1 or not (part * b <= lo - a.offset - k0 * staged
