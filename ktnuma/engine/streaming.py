@@ -147,11 +147,13 @@ def _check_records(p: Any, arrays: list[dict]) -> None:
 def stream(model: str | os.PathLike[str], nodes: int | None = None, split: str = "tp",
            layers: str | Sequence[int] | None = None, shm_dir: str | None = None, topology: str | None = None,
            prefetch: int = 1, format: str | None = None, engine: Any = None,
-           retries: int = 2) -> Iterator[Stream]:
+           retries: int = 2, workers: Any = None) -> Iterator[Stream]:
     """Stage `model` layer by layer for an engine in this process (see the module doc).
     `nodes`/`topology`/`split`/`layers`/`shm_dir`/`format`/`retries` mean what they mean for
     `launch`; `prefetch` is how many layers the workers stage ahead of the one held; `engine`
-    (an object with a bool `copies_at_load`) refuses engines that read in place."""
+    (an object with a bool `copies_at_load`) refuses engines that read in place. `workers`:
+    ``ktnuma.stage.procs.prespawn(topology)`` started by the caller (their interpreters start while
+    it imports and plans); the run adopts them, and the caller stops them if this raises first."""
     from ktnuma.plan.planner import manifest_arrays
     from ktnuma.stage.coordinator import Run
     from ktnuma.stage.session import prepare
@@ -163,7 +165,7 @@ def stream(model: str | os.PathLike[str], nodes: int | None = None, split: str =
         raise BadInput(f"ktnuma.stream: split must be tp or ep, not {split!r}")
     window = int(prefetch) + 1
     p = prepare(model, nodes=nodes, topology=topology, split=split, format=format, layers=layers,
-                shm_dir=shm_dir, stream=True, window=window)
+                shm_dir=shm_dir, stream=True, window=window, spawn=None if workers is None else lambda t: workers)
     views = None
     try:
         arrays = manifest_arrays(p.plan, lambda layer, node: shm.segment_name(p.run_id, layer, node))
@@ -173,7 +175,7 @@ def stream(model: str | os.PathLike[str], nodes: int | None = None, split: str =
                              config=p.index.config.as_manifest(), shm_dir=p.shm_dir, where=f"stream {p.run_id}: ")
         sizes = {shm.segment_name(p.run_id, s.layer, s.node): s.size for s in p.plan.segments}
         with Run(p.plan, p.topology, run_id=p.run_id, shm_dir=p.shm_dir, layers_in_flight=window,
-                 retries=retries, stream=True) as run:
+                 retries=retries, stream=True, workers=p.workers) as run:
             st = Stream(run, views, sizes)
             log.info("stream %s: %s %s over %d node(s), %d layer(s), prefetch %d", p.run_id, p.index.format,
                      split, len(p.topology.nodes), len(p.plan.layers), prefetch)

@@ -4,7 +4,9 @@
 
 starts a multiprocessing `spawn` child (as SGLang starts its scheduler) that builds one unmodified
 `kt_kernel.KTMoEWrapper` per MoE layer (ascending), then calls `load_weights` on each in order, then
-`forward` on fixed tokens, and saves every layer's output bits, the load time and the peak of
+`forward` on fixed tokens, and saves every layer's output bits, the times (import_s: `import kt_kernel`,
+which runs the .pth hook's patches; build_s: every wrapper built; weights_s: every load_weights; load_s =
+build_s + weights_s; total_s = all three) and the peak of
 (anonymous RSS + the session's ktnuma segments in /dev/shm) sampled during the load. The parent prints one
 JSON line: {"exitcode": ..., "error": one line or null}. ktnuma is active in the child only through the
 environment (KTNUMA_MANIFEST / KTNUMA_STAGE) and the installed .pth hook; this module imports nothing of
@@ -117,6 +119,12 @@ class _Peak(threading.Thread):
             time.sleep(0.01)
 
 
+def _hook_seconds() -> float:
+    """The .pth hook's own time in this process (read off the module if the hook ran; nothing imported)."""
+    act = sys.modules.get("ktnuma.integrations.kt_kernel.activate")
+    return float(getattr(act, "SECONDS", 0.0))
+
+
 def scheduler(spec: dict, out_path: str) -> None:
     import numpy as np
     import torch
@@ -127,10 +135,17 @@ def scheduler(spec: dict, out_path: str) -> None:
     peak.sample()
     base = peak.peak
     peak.start()
+    prof = None
+    if spec.get("profile"):  # dev: cProfile of build + load_weights, dumped to spec["profile"]
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     t0 = time.perf_counter()
     try:
-        from kt_kernel import KTMoEWrapper
+        from kt_kernel import KTMoEWrapper  # the .pth hook patches kt-kernel here (ktnuma's imports: in t_import)
 
+        t_import = time.perf_counter()
         E, k, H, I = spec["experts"], spec["experts_per_tok"], spec["hidden"], spec["intermediate"]
         wrappers = [KTMoEWrapper(layer_idx=L, num_experts=E, num_experts_per_tok=k, hidden_size=H,
                                  moe_intermediate_size=I, gpu_experts_mask=None,
@@ -138,10 +153,13 @@ def scheduler(spec: dict, out_path: str) -> None:
                                  weight_path=spec["weight_path"], chunked_prefill_size=spec.get("max_len", 64),
                                  method=spec["method"])
                     for L in spec["layers"]]
-        t_build = time.perf_counter() - t0
+        t_build = time.perf_counter()
         for w in wrappers:
             w.load_weights(torch.arange(E, dtype=torch.int64))
-        t_load = time.perf_counter() - t0
+        t_load = time.perf_counter()
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(spec["profile"])
         peak.sample()
         peak.stop = True
         shm_after = _shm_bytes(prefix)
@@ -155,7 +173,8 @@ def scheduler(spec: dict, out_path: str) -> None:
                 wt = torch.rand(q, k, generator=g, dtype=torch.float32)
                 outs[f"L{L}"] = w.forward(x, ids, wt, 0).clone().view(torch.int16).numpy()
         np.savez(out_path, **outs, meta=np.frombuffer(json.dumps({
-            "build_s": t_build, "load_s": t_load, "peak": peak.peak - base, "shm_after": shm_after,
+            "import_s": t_import - t0, "hook_s": _hook_seconds(), "build_s": t_build - t_import, "weights_s": t_load - t_build,
+            "load_s": t_load - t_import, "total_s": t_load - t0, "peak": peak.peak - base, "shm_after": shm_after,
             "rss_after": _anon_rss()}).encode(), dtype=np.uint8))
     except Exception as exc:  # the refusal under test: one line for the parent
         with open(out_path + ".err", "w") as f:

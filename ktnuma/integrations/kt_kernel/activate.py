@@ -19,7 +19,11 @@ The stock objects stay reachable as `_ktnuma_stock` on each patched owner. Impor
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
+
+_T0 = time.perf_counter()
+SECONDS = 0.0  # this process's time in the hook: this module's import + install() + the patches (bench)
 
 HOOKED = ("kt_kernel.experts_base", "kt_kernel.utils.amx", "kt_kernel.utils.llamafile")
 
@@ -100,8 +104,11 @@ def _patch_llamafile(mod: Any) -> None:
 
 def _patched(patch: Any) -> Any:
     def run(mod: Any) -> None:
+        global SECONDS
+        t = time.perf_counter()
         patch(mod)
         mod._ktnuma_patched = True
+        SECONDS += time.perf_counter() - t
 
     return run
 
@@ -133,6 +140,7 @@ class _Finder:
 
 def install() -> None:
     """Patch kt-kernel now if it is imported, else when it is (idempotent)."""
+    global SECONDS
     if any(isinstance(f, _Finder) for f in sys.meta_path):
         return
     for name, patch in PATCHES.items():
@@ -140,3 +148,4 @@ def install() -> None:
         if mod is not None and not getattr(mod, "_ktnuma_patched", False):
             _patched(patch)(mod)
     sys.meta_path.insert(0, _Finder())
+    SECONDS += time.perf_counter() - _T0

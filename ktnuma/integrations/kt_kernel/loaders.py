@@ -14,10 +14,12 @@ A loader is a few attributes over the process's session: creating one per layer 
 """
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ktnuma.errors import BadInput
@@ -41,10 +43,37 @@ def _layer_of(base_key: str, patterns: tuple[re.Pattern[str], ...]) -> int:
     raise KeyError(f"ktnuma: no staged experts under {base_key!r}")
 
 
-def _by_expert(view: Any, proj: str, kind: str, where: str) -> list[tuple[Any, int]]:
-    """(stacked torch view, position) of every expert 0..E-1 across the nodes holding whole pieces."""
+def _pieces(m: Any, stacked: Any, kind: str, gl: list[Any]) -> list[Any]:
+    """`m.view` of each expert piece of a stacked torch view, in order. One `unbind` gives the pieces; a
+    view that returns its piece unchanged is skipped, and one that merely reinterprets it (same memory,
+    e.g. RAWINT4's i32 words as u8) is applied once to the whole stack when that provably gives every
+    piece the same tensor (dtype, shape, strides, address) as applying it piece by piece."""
+    parts = stacked.unbind(0)
+    if not parts:
+        return []
+    if any(g is not None for g in gl):  # a per-expert argument (NVFP4 globals): piece by piece
+        return [m.view(p, kind, g) for p, g in zip(parts, gl)]
+    probe = m.view(parts[0], kind, None)
+    if probe is parts[0]:
+        return list(parts)
+    if probe.data_ptr() == parts[0].data_ptr():
+        try:
+            whole = m.view(stacked, kind, None)
+        except Exception:  # a view defined on pieces only
+            whole = None
+        if (whole is not None and whole.dim() == probe.dim() + 1 and whole.dtype == probe.dtype
+                and tuple(whole.shape[1:]) == tuple(probe.shape) and whole.stride()[1:] == probe.stride()
+                and whole.data_ptr() == stacked.data_ptr() and whole.shape[0] == len(parts)
+                and whole.stride(0) * whole.element_size() == stacked.stride(0) * stacked.element_size()):
+            return list(whole.unbind(0))
+    return [probe, *(m.view(p, kind, None) for p in parts[1:])]
+
+
+def _by_expert(view: Any, m: Any, proj: str, kind: str, gl: list[Any], where: str) -> list[Any]:
+    """What upstream's loader returns for every expert 0..E-1 of (proj, kind) (`m.view` of its staged
+    piece, `gl[e]` its NVFP4 global scale or None), across the nodes holding whole pieces."""
     E = int(view.config["num_experts"])
-    out: list[tuple[Any, int] | None] = [None] * E
+    out: list[Any] = [None] * E
     for node in view.nodes:
         if not view.has(proj, kind, node):
             continue
@@ -53,15 +82,31 @@ def _by_expert(view: Any, proj: str, kind: str, where: str) -> list[tuple[Any, i
             raise BadInput(f"{where}layer {view.layer} node {node} {proj} {kind} holds a slice {r.slice} of "
                            "each expert; kt-kernel's native wrapper takes whole experts: stage it with "
                            "`python -m ktnuma.launch MODEL --split ep`")
-        stacked = view.torch(proj, kind, node)
-        for i, e in enumerate(r.experts):
-            if out[e] is None:
-                out[e] = (stacked, i)
+        todo = [i for i, e in enumerate(r.experts) if out[e] is None]
+        if not todo:
+            continue
+        pieces = _pieces(m, view.torch(proj, kind, node), kind, list(gl[r.first:r.first + r.count]))
+        for i in todo:
+            out[r.first + i] = pieces[i]
     missing = [e for e, x in enumerate(out) if x is None]
     if missing:
         raise BadInput(f"{where}layer {view.layer}: {proj} {kind} of expert(s) {missing[:8]} are not staged; "
                        "stage every expert of the layer")
-    return out  # type: ignore[return-value]
+    return out
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic collector off while a layer's views are made (thousands of tensors, no cycles: each goes
+    by reference count once the engine drops it), so that burst does not trigger a full collection of the
+    engine's heap (~0.1-0.2 s with torch loaded); the collector's previous state is restored."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class NativeLoader:
@@ -71,17 +116,20 @@ class NativeLoader:
 
     def load_experts(self, base_key: str, device: str = "cpu") -> dict[str, list[Any]]:
         layer = _layer_of(base_key, NATIVE_KEYS)
+        with _no_gc():
+            return self._load(layer)
+
+    def _load(self, layer: int) -> dict[str, list[Any]]:
         s = self._session()
         view = s.layer(layer)
         m = s.method
         kinds = ("weight", "scale") if m.scales else ("weight",)
         out: dict[str, list[Any]] = {}
+        E = int(view.config["num_experts"])
         for kind in kinds:
             for proj in PROJS:
-                pieces = _by_expert(view, proj, kind, s.where)
-                gl = s.global_scales(layer, proj) if m.globals and kind == "scale" else [None] * len(pieces)
-                out[proj if kind == "weight" else f"{proj}_scale"] = [m.view(t[i], kind, g)
-                                                                      for (t, i), g in zip(pieces, gl)]
+                gl = s.global_scales(layer, proj) if m.globals and kind == "scale" else [None] * E
+                out[proj if kind == "weight" else f"{proj}_scale"] = _by_expert(view, m, proj, kind, gl, s.where)
         self._served.append(layer)
         return out
 
@@ -102,6 +150,10 @@ class AmxLoader:
 
     def load_experts(self, base_key: str, device: str = "cpu") -> dict[str, list[list[Any]]]:
         layer = _layer_of(base_key, (AMX_KEY,))
+        with _no_gc():
+            return self._load(layer)
+
+    def _load(self, layer: int) -> dict[str, list[list[Any]]]:
         s = self._session()
         view = s.layer(layer)
         out: dict[str, list[list[Any]]] = {}

@@ -166,8 +166,6 @@ class Handoff(Session):
     kind = "handoff"
 
     def __init__(self, method: Method, pool: Pool, model: str, in_place: bool) -> None:
-        from ktnuma.engine.streaming import stream
-
         super().__init__(method, pool, os.path.abspath(model))
         if in_place:
             raise BadInput(f"{self.where}kt-kernel {method.name} on this CPU keeps reading the weights after "
@@ -181,12 +179,17 @@ class Handoff(Session):
         prefetch = int(os.environ.get(PREFETCH_ENV, "1"))
         self._stack = ExitStack()
         self._lock = threading.RLock()
+        self._closer: threading.Thread | None = None
+        workers = _prespawn(pool.threadpool_count)  # first: their interpreters start while this process plans
         try:
+            from ktnuma.engine.streaming import stream
+
             self.stream = self._stack.enter_context(
-                stream(model, nodes=pool.threadpool_count, split=split, prefetch=prefetch))
+                stream(model, nodes=pool.threadpool_count, split=split, prefetch=prefetch, workers=workers))
             self._check_run(self.stream.format, split, tuple(self.stream.nodes), "the staged model")
         except BaseException:
             self._stack.close()
+            workers.stop()  # those the run did not adopt (it refused before it started)
             raise
         self._it = iter(self.stream)
         self._index: Any = None  # the model's index, read only for NVFP4's global scales
@@ -232,15 +235,33 @@ class Handoff(Session):
             staged = self._held.pop(layer, None)
             if staged is not None:
                 self.stream._release(staged)  # unlink now; the workers move on to the next layer
-            if not self._pending and not self._held:
-                self.close()
+            if not self._pending and not self._held and self._closer is None:
+                # every segment is unlinked: stopping the workers and dropping the registry entry need
+                # not delay the engine (close_session, at exit or on the next session, joins it)
+                self.active = False
+                self._closer = threading.Thread(target=self._close, name="ktnuma-handoff-close", daemon=True)
+                self._closer.start()
 
-    def close(self) -> None:
+    def _close(self) -> None:
         with self._lock:
             self.active = False
             self._pending.clear()
             self._held.clear()
             self._stack.close()
+
+    def close(self) -> None:
+        closer = self._closer
+        if closer is not None:
+            closer.join()
+        self._close()
+
+
+def _prespawn(nodes: int) -> Any:
+    """The handoff's workers, started before anything is imported or planned for the stream."""
+    from ktnuma.host.topology import select
+    from ktnuma.stage.procs import prespawn
+
+    return prespawn(select(nodes))
 
 
 _session: Session | None = None
@@ -256,6 +277,8 @@ def session(method: Method, pool: Pool, weight_path: str, environ: Any = os.envi
         if _session is not None and _session.active:
             _session.matches(method, pool, source)
             return _session
+        if _session is not None:
+            _session.close()  # a finished handoff: wait for its workers to stop before a new session
         if manifest:
             _session = Resident(method, pool, manifest, weight_path, in_place)
         elif environ.get(STAGE_ENV, "") not in ("", "0"):
