@@ -290,5 +290,25 @@ def entry(argv: Sequence[str] | None = None) -> int:
     return cli.run("launch", _entry_main(), argv)
 
 
+def exit_now(rc: int) -> None:
+    """Exit with ``rc`` without the interpreter's teardown (finalizing every module and object:
+    15-40 ms of a detached launch's wall time that nothing depends on: the run's files are closed
+    and fsynced, its workers reaped). The atexit hooks still run (logging's flush, torch's under
+    torchrun); a process with other threads alive takes the normal exit (it joins them)."""
+    import atexit
+    import threading
+
+    if threading.active_count() > 1:
+        sys.exit(rc)
+    atexit._run_exitfuncs()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            if f is not None:
+                f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(entry())
+    exit_now(entry())

@@ -9,25 +9,33 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Callable
+from importlib import import_module
 from typing import Any, Iterable
 
 from ktnuma.errors import BadInput, FormatError, ModelError, ShapeMismatch
 from ktnuma.host.shm import MAX_LAYER
-from ktnuma.index import gguf as gguf_reader
 from ktnuma.index import safetensors as st_reader
 from ktnuma.index.config import load_config_json, lookup, quantization_config
-from ktnuma.index.layouts import amx, gguf, per_expert, stacked
 from ktnuma.index.layouts.common import Context, collect
 from ktnuma.index.model import ModelIndex, TensorExtent
 from ktnuma.index.naming import SUFFIXES, Hit, NamingRule, match
 from ktnuma.index.quant import AMX_FORMATS, QuantFormat, detectable
 from ktnuma.text import ranges
 
+
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported at its first call: a launch reads one format, and the readers and
+    layouts of the others would only add to its start-up (the GGUF reader for a safetensors model)."""
+    def call(*args: Any) -> Any:
+        return getattr(import_module(module), name)(*args)
+    return call
+
+
 LAYOUTS: dict[str, Callable[[Context], ModelIndex]] = {
-    "per-expert": per_expert.build,
-    "stacked": stacked.build,
-    "gguf": gguf.build,
-    "amx": amx.build,
+    "per-expert": _lazy("ktnuma.index.layouts.per_expert", "build"),
+    "stacked": _lazy("ktnuma.index.layouts.stacked", "build"),
+    "gguf": _lazy("ktnuma.index.layouts.gguf", "build"),
+    "amx": _lazy("ktnuma.index.layouts.amx", "build"),
 }
 
 
@@ -62,7 +70,7 @@ format_layers = ranges  # "1-3,7"
 
 
 # ---------------------------------------------------------------- reading the files
-_READERS = {".safetensors": st_reader.read_file, ".gguf": gguf_reader.read_file}
+_READERS = {".safetensors": st_reader.read_file, ".gguf": _lazy("ktnuma.index.gguf", "read_file")}
 
 
 def _model_files(path: str) -> tuple[str, list[str]]:
