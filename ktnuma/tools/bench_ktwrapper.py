@@ -131,25 +131,36 @@ def _measure(a: Any, model: str, work: str) -> tuple[dict, dict[tuple[str, str],
         envs = {"stock": {}, "handoff": {"KTNUMA_STAGE": "1", **ours},
                 "resident": {"KTNUMA_MANIFEST": man, **ours, **_kv(a.resident_env)}}
         rows: dict[tuple[str, str], list[dict]] = {}
+        repeated = 0
+
+        def once(mode: str, case: str) -> dict:
+            _set_cache(files, mode == "warm")
+            argv_ = _argv(B, **envs[case])
+            cmd = [argv_[0], f"KTNUMA_RUN_ID_PREFIX={mine}", *(f"{k}={v}" for k, v in extra.items()), *argv_[1:-1]]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=B.env)
+            lines = r.stdout.strip().splitlines()
+            res = json.loads(lines[-1]) if lines else {"exitcode": r.returncode, "error": r.stderr[-300:]}
+            if res["exitcode"] != 0:
+                return {"error": res["error"] or f"exit {res['exitcode']}"}
+            return json.loads(bytes(np.load(argv_[-2])["meta"]))
+
         for mode in MODES:
             for _ in range(a.repeat):
                 for case in CASES:
-                    _set_cache(files, mode == "warm")
-                    argv_ = _argv(B, **envs[case])
-                    cmd = [argv_[0], f"KTNUMA_RUN_ID_PREFIX={mine}", *(f"{k}={v}" for k, v in extra.items()),
-                           *argv_[1:-1]]
-                    r = subprocess.run(cmd, capture_output=True, text=True, env=B.env)
-                    lines = r.stdout.strip().splitlines()
-                    res = json.loads(lines[-1]) if lines else {"exitcode": r.returncode, "error": r.stderr[-300:]}
-                    if res["exitcode"] != 0:
-                        row = {"error": res["error"] or f"exit {res['exitcode']}"}
-                    else:
-                        row = json.loads(bytes(np.load(argv_[-2])["meta"]))
+                    row = once(mode, case)
+                    if "SegmentMissing" in row.get("error", ""):  # another process's cleanup took the segments
+                        repeated += 1
+                        if case == "resident":  # stage the run again (same model, same command)
+                            B.release(man)
+                            if os.path.exists(man):
+                                os.unlink(man)
+                            _resident(B)
+                        row = once(mode, case)
                     rows.setdefault((mode, case), []).append(row)
     finally:
         B.release(man)
     size = sum(os.path.getsize(f) for f in files)
-    return {"model": model, "staged": staged, "size": size, "method": method}, rows
+    return {"model": model, "staged": staged, "size": size, "method": method, "repeated": repeated}, rows
 
 
 def _median(rows: list[dict], key: str) -> float | None:
@@ -165,6 +176,8 @@ def _report(facts: dict, rows: dict[tuple[str, str], list[dict]], a: Any) -> lis
     staged = facts["staged"] / G
     print(f"\nmodel {facts['model']}: {facts['method']}, {facts['size'] / G:.2f} GiB on disk, {staged:.2f} GiB "
           f"staged, {a.nodes} node(s), median of {a.repeat}")
+    if facts["repeated"]:
+        print(f"note: {facts['repeated']} run(s) repeated: another process removed their segments (SegmentMissing)")
     print("load = every wrapper built + every load_weights, inside the engine process, after `import kt_kernel`"
           " (import = that import, incl. the .pth hook's patches; hook = ktnuma's share of it); peak = anon RSS"
           " + the run's segments + the model's page cache; resident = restart (attach + engine build)")
