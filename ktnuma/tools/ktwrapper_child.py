@@ -135,6 +135,11 @@ def scheduler(spec: dict, out_path: str) -> None:
     peak.sample()
     base = peak.peak
     peak.start()
+    if spec.get("log"):  # dev: a timeline of ktnuma's log records (ms since the interpreter started)
+        import logging
+
+        logging.basicConfig(level=getattr(logging, str(spec["log"]).upper()), stream=sys.stderr,
+                            format="%(relativeCreated)7.0f ms %(threadName)s %(name)s: %(message)s")
     prof = None
     if spec.get("profile"):  # dev: cProfile of build + load_weights, dumped to spec["profile"]
         import cProfile

@@ -18,6 +18,7 @@ The stock objects stay reachable as `_ktnuma_stock` on each patched owner. Impor
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from typing import Any
@@ -38,19 +39,36 @@ def _pool() -> Any:
     return sessions.POOL
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_has_amx() -> bool:
+    from ktnuma.integrations.kt_kernel import methods
+
+    return methods.cpu_has_amx()
+
+
+@functools.lru_cache(maxsize=None)
+def _in_place(method_name: str, threadpool_count: int) -> bool:
+    """Whether the engine kt-kernel picks for (method, pool) reads the weights in place (asked once)."""
+    from ktnuma.integrations.kt_kernel import methods
+
+    return methods.method(method_name).in_place(threadpool_count, sys.modules["kt_kernel.utils.amx"])
+
+
 def _session_fn(method_name: str, weight_path: str) -> Any:
-    """A function returning the process's session for (method, weight_path), creating it on first call."""
+    """A function returning the process's session for (method, weight_path), creating it on first call.
+    kt-kernel asks for a loader about twice per layer: what does not change within the process (the
+    CPU's AMX, the engine kt-kernel picks) is looked up once."""
     import os
 
     from ktnuma.integrations.kt_kernel import methods, sessions
 
     m = methods.method(method_name)
-    methods.check_cpu(m, os.environ, methods.cpu_has_amx())
+    methods.check_cpu(m, os.environ, _cpu_has_amx())
+    path = os.fspath(weight_path)
 
     def get() -> Any:
         pool = _pool()
-        amx = sys.modules["kt_kernel.utils.amx"]
-        return sessions.session(m, pool, os.fspath(weight_path), in_place=m.in_place(pool.threadpool_count, amx))
+        return sessions.session(m, pool, path, in_place=_in_place(m.name, pool.threadpool_count))
 
     return get
 

@@ -17,6 +17,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -180,6 +181,7 @@ class Handoff(Session):
         self._stack = ExitStack()
         self._lock = threading.RLock()
         self._closer: threading.Thread | None = None
+        log.debug("ktnuma: handoff of %s starts (%d node(s))", model, pool.threadpool_count)
         workers = _prespawn(pool.threadpool_count)  # first: their interpreters start while this process plans
         try:
             from ktnuma.engine.streaming import stream
@@ -211,7 +213,10 @@ class Handoff(Session):
                 raise BadInput(f"{self.where}no experts for layer {layer} in the model (MoE layers "
                                f"{list(self.stream.layers)})")
             while True:
+                t0 = time.perf_counter()
                 staged = next(self._it)
+                log.debug("ktnuma: layer %d staged (%.3f s on its slowest node); the engine waited %.3f s for it",
+                          staged.layer, staged.seconds, time.perf_counter() - t0)
                 self._last = staged.layer
                 self._pending.discard(staged.layer)
                 if staged.layer == layer:
