@@ -235,6 +235,44 @@ def test_rawint4_in_place_engine_crashes_stock_and_runs_on_resident_segments(chi
     assert two["exitcode"] == 2 and "--kt-threadpool-count 1" in two["error"] and "\n" not in two["error"]
 
 
+# staged (weight, scale) torch dtypes and piece shapes per native method (as the attach torch views give them)
+_STAGED = {"BF16": ((torch.bfloat16, (8, 16)), None),
+           "FP8": ((torch.float8_e4m3fn, (8, 16)), (torch.float32, (1, 1))),
+           "FP8_PERCHANNEL": ((torch.float8_e4m3fn, (8, 16)), (torch.float32, (8, 1))),
+           "GPTQ_INT4": ((torch.int32, (2, 8)), (torch.float32, (1, 8))),
+           "RAWINT4": ((torch.int32, (8, 2)), (torch.bfloat16, (8, 1))),
+           "MXFP4": ((torch.uint8, (8, 8)), (torch.bfloat16, (8, 1))),
+           "NVFP4": ((torch.uint8, (8, 8)), (torch.float8_e4m3fn, (8, 2))),
+           "MXFP8": ((torch.float8_e4m3fn, (8, 16)), (torch.uint8, (8, 1)))}
+
+
+@pytest.mark.parametrize("method", sorted(_STAGED))
+def test_fast_expert_views_equal_the_per_piece_views(method):
+    """The loader's one-unbind views (loaders._pieces) are, piece for piece, the tensor `Method.view` gives
+    for that piece alone: same dtype, shape, strides, address, and for copying views (NVFP4's folded
+    scales) the same bytes."""
+    from ktnuma.integrations.kt_kernel.loaders import _pieces
+    from ktnuma.integrations.kt_kernel.methods import method as method_of
+
+    m = method_of(method)
+    g = torch.Generator().manual_seed(3)
+    for kind, staged in zip(("weight", "scale"), _STAGED[method]):
+        if staged is None:
+            continue
+        dtype, shape = staged
+        raw = torch.randint(1, 120, (E, *shape, dtype.itemsize), dtype=torch.uint8, generator=g)
+        stacked = raw.view(dtype).reshape(E, *shape)
+        gl = [float(e + 1) / 4 for e in range(E)] if m.globals and kind == "scale" else [None] * E
+        fast = _pieces(m, stacked, kind, gl)
+        slow = [m.view(stacked[e], kind, gl[e]) for e in range(E)]
+        assert len(fast) == len(slow) == E
+        for e, (a, b) in enumerate(zip(fast, slow)):
+            assert (a.dtype, tuple(a.shape), a.stride()) == (b.dtype, tuple(b.shape), b.stride()), (kind, e)
+            if b.data_ptr() == stacked[e].data_ptr():  # a view: the same memory
+                assert a.data_ptr() == b.data_ptr(), (kind, e)
+            assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), (kind, e)
+
+
 @pytest.mark.parametrize("method", ["AMXINT4", "AMXINT8"])
 def test_amx_loader_output_equals_upstream_safetensor_loader(detached, synth_model, method):
     """[numa][expert] numpy arrays, same keys in the same order, dtypes, shapes and bytes."""

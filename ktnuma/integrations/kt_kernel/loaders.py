@@ -116,12 +116,12 @@ class NativeLoader:
 
     def load_experts(self, base_key: str, device: str = "cpu") -> dict[str, list[Any]]:
         layer = _layer_of(base_key, NATIVE_KEYS)
-        with _no_gc():
-            return self._load(layer)
-
-    def _load(self, layer: int) -> dict[str, list[Any]]:
         s = self._session()
-        view = s.layer(layer)
+        view = s.layer(layer)  # a handoff may wait here for its workers: the collector stays on meanwhile
+        with _no_gc():
+            return self._load(s, view, layer)
+
+    def _load(self, s: Any, view: Any, layer: int) -> dict[str, list[Any]]:
         m = s.method
         kinds = ("weight", "scale") if m.scales else ("weight",)
         out: dict[str, list[Any]] = {}
@@ -150,12 +150,12 @@ class AmxLoader:
 
     def load_experts(self, base_key: str, device: str = "cpu") -> dict[str, list[list[Any]]]:
         layer = _layer_of(base_key, (AMX_KEY,))
-        with _no_gc():
-            return self._load(layer)
-
-    def _load(self, layer: int) -> dict[str, list[list[Any]]]:
         s = self._session()
         view = s.layer(layer)
+        with _no_gc():
+            return self._load(s, view, layer)
+
+    def _load(self, s: Any, view: Any, layer: int) -> dict[str, list[list[Any]]]:
         out: dict[str, list[list[Any]]] = {}
         for kind in ("weight", "scale"):
             for proj in ("up", "gate", "down"):
