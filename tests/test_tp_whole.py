@@ -400,3 +400,19 @@ def test_tp_whole_places_each_part_on_its_real_node_in_a_two_node_vm(tmp_path):
                 assert set(placement) == {"0", "1"}, (name, start, placement)
     assert bound[0] == bound[1] > 0  # gate/up: each part's half of every expert on its own node
     print("tp-whole ranges in the VM:", [(x[0].split(".", 2)[2], x[1], x[3], x[5]) for x in report["ranges"][:6]])
+
+
+def test_deepseek_v3_sized_tp_whole_plan_is_fast():
+    """58 layers x 8 nodes x 256 experts: 513 ranges per segment (gate/up: one per part and expert), and
+    planning stays well under a second (segments of one shape share their policy)."""
+    import time
+
+    from test_plan import deepseek_v3_index
+
+    idx = deepseek_v3_index()
+    t0 = time.perf_counter()
+    p = plan(idx, range(8), "tp-whole")
+    took = time.perf_counter() - t0
+    assert took < 3.0, f"planning took {took:.2f}s"  # ~0.2 s on the 2-core box
+    assert {len(s.policy) for s in p.segments} == {2 * 32 * 8 + 1}
+    assert sum(r.stop - r.start for r in p.segments[0].policy if r.mode == "bind") == 2 * 32 * 2048 * 7168

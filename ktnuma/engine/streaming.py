@@ -154,15 +154,15 @@ def stream(model: str | os.PathLike[str], nodes: int | None = None, split: str =
     (an object with a bool `copies_at_load`) refuses engines that read in place. `workers`:
     ``ktnuma.stage.procs.prespawn(topology)`` started by the caller (their interpreters start while
     it imports and plans); the run adopts them, and the caller stops them if this raises first."""
-    from ktnuma.plan.planner import manifest_arrays
+    from ktnuma.plan.planner import SPLITS, manifest_arrays
     from ktnuma.stage.coordinator import Run
     from ktnuma.stage.session import prepare
 
     _refuse_in_place(engine)
     if int(prefetch) < 0:
         raise BadInput(f"ktnuma.stream: prefetch must be >= 0, got {prefetch}")
-    if split not in ("tp", "ep"):
-        raise BadInput(f"ktnuma.stream: split must be tp or ep, not {split!r}")
+    if split not in SPLITS:
+        raise BadInput(f"ktnuma.stream: split must be one of {', '.join(SPLITS)}, not {split!r}")
     window = int(prefetch) + 1
     p = prepare(model, nodes=nodes, topology=topology, split=split, format=format, layers=layers,
                 shm_dir=shm_dir, stream=True, window=window, spawn=None if workers is None else lambda t: workers)

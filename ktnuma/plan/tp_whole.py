@@ -18,6 +18,7 @@ One node: the whole segment bound to that node (the same bytes as `ep` over one 
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 
 from ktnuma.index.model import ModelIndex, PieceGroup
 from ktnuma.plan.ep import EP
@@ -51,23 +52,30 @@ def policy(seg: SegmentPlan, blocks: dict[tuple[str, str], int | None], nodes: t
     """seg's ranges: bound row blocks per part, interleaved elsewhere (merged where equal)."""
     if len(nodes) == 1:
         return (PolicyRange(0, seg.size, "bind", (nodes[0],)),)
+    # (offset, end, count, stride, block) per array: segments of one shape (every layer's, mostly) share it
+    shape = tuple((a.offset, a.end, a.count, a.stride, blocks.get((a.proj, a.kind))) for a in seg.arrays)
+    return _policy(seg.size, shape, nodes)
+
+
+@lru_cache(maxsize=64)
+def _policy(size: int, shape: tuple[tuple[int, int, int, int, int | None], ...],
+            nodes: tuple[int, ...]) -> tuple[PolicyRange, ...]:
     spans: list[tuple[int, int, int | None]] = []  # (start, stop, part position or None: interleave)
     cursor = 0
-    for a in seg.arrays:
-        if a.offset > cursor:
-            spans.append((cursor, a.offset, None))
-        b = blocks.get((a.proj, a.kind))
+    for offset, end, count, stride, b in shape:
+        if offset > cursor:
+            spans.append((cursor, offset, None))
         if b is None:
-            spans.append((a.offset, a.end, None))
+            spans.append((offset, end, None))
         else:
-            for k in range(a.count):
-                base = a.offset + k * a.stride
+            for k in range(count):
+                base = offset + k * stride
                 spans.extend((base + i * b, base + (i + 1) * b, i) for i in range(len(nodes)))
-        cursor = a.end
+        cursor = end
     out: list[PolicyRange] = []
     for start, stop, pos in spans:
         if pos is None:  # whole pages around it (a bound block never shares a page: it is page-exact)
-            start, stop = start // PAGE * PAGE, min(-(-stop // PAGE) * PAGE, seg.size)
+            start, stop = start // PAGE * PAGE, min(-(-stop // PAGE) * PAGE, size)
             mode, on = "interleave", nodes
         else:
             mode, on = "bind", (nodes[pos],)

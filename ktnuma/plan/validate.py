@@ -3,6 +3,7 @@ all problems). Independent of how the split rules built the plan."""
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 
 from ktnuma.errors import PlanInvalid
 from ktnuma.index.model import ModelIndex, PieceGroup
@@ -193,6 +194,8 @@ def _check_policy(s: SegmentPlan, where: str, pos_of: dict[int, int], groups: di
     rows, b = staged piece bytes / N, when I splits into N whole row blocks); padding is read by none."""
     pos = 0
     n = len(pos_of)
+    arrays = sorted(s.arrays, key=lambda a: a.offset)
+    starts = [a.offset for a in arrays]
     for r in s.policy:
         at = f"{where} policy [{r.start}, {r.stop}) {r.mode} {list(r.nodes)}"
         if r.start != pos:
@@ -206,7 +209,7 @@ def _check_policy(s: SegmentPlan, where: str, pos_of: dict[int, int], groups: di
             bad(f"{at}: a node not in the run {sorted(pos_of)}")
         elif r.mode == "bind" and n > 1:
             part = pos_of[r.nodes[0]]
-            for a in s.arrays:
+            for a in arrays[max(bisect_right(starts, r.start) - 1, 0):bisect_left(starts, r.stop)]:
                 lo, hi = max(r.start, a.offset), min(r.stop, a.end)
                 if lo >= hi:
                     continue

@@ -81,7 +81,7 @@ def _by_expert(view: Any, m: Any, proj: str, kind: str, gl: list[Any], where: st
         if r.slice is not None:
             raise BadInput(f"{where}layer {view.layer} node {node} {proj} {kind} holds a slice {r.slice} of "
                            "each expert; kt-kernel's native wrapper takes whole experts: stage it with "
-                           "`python -m ktnuma.launch MODEL --split ep`")
+                           "`python -m ktnuma.launch MODEL --split tp-whole` (or --split ep)")
         todo = [i for i, e in enumerate(r.experts) if out[e] is None]
         if not todo:
             continue

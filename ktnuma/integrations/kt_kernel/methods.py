@@ -73,7 +73,7 @@ class Method:
     name: str  # kt-kernel method string
     family: str  # ktnuma format family it takes ("gguf" for any gguf:<T>)
     wrapper: str  # "native" | "amx" | "llamafile"
-    splits: tuple[str, ...]  # resident splits it takes ("tp" here means one node, or pre-sharded for amx)
+    splits: tuple[str, ...]  # resident splits it takes ("tp": one node for native methods, pre-sharded for amx)
     view: Viewer = _as_is
     scales: bool = True  # the loader returns *_scale keys
     needs_amx: Callable[[Mapping[str, str]], bool] = lambda env: False  # (environment) -> engine needs AMX
@@ -83,7 +83,9 @@ class Method:
     amx_engine: str = ""  # the AMX-only engine, named in the refusal
 
 
-NATIVE_SPLITS = ("ep", "tp")  # tp only over one node (every piece whole)
+# native methods take whole experts: tp-whole (each kt part's rows on its node: the split for several
+# nodes), ep (whole experts, each on one node), tp only over one node (every piece whole)
+NATIVE_SPLITS = ("tp-whole", "ep", "tp")
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -108,6 +110,27 @@ METHODS: dict[str, Method] = {
 METHOD_FOR_FAMILY: dict[str, str] = {"bf16": "BF16", "fp8": "FP8", "gptq-int4": "GPTQ_INT4", "rawint4": "RAWINT4",
                                      "mxfp4": "MXFP4", "nvfp4": "NVFP4", "mxfp8": "MXFP8", "amx-int4": "AMXINT4",
                                      "amx-int8": "AMXINT8", "gguf": "LLAMAFILE"}
+
+
+def split_refusal(m: Method, split: str, n_nodes: int) -> str | None:
+    """What method `m` takes instead of a `split` run over `n_nodes` nodes, with the way out (None: it
+    takes it). Native methods slice whole experts per part themselves: a sliced tp run over several
+    nodes would hand them 1/N of each expert."""
+    if split in m.splits and not (split == "tp" and m.wrapper != "amx" and n_nodes > 1):
+        return None
+    if m.wrapper == "amx":
+        return "pre-sharded .numa shards: stage it again with `python -m ktnuma.launch MODEL --split tp` (shard n on node n)"
+    if m.wrapper == "native":
+        return ("whole experts: stage it again with `python -m ktnuma.launch MODEL --split tp-whole` (each kt part's "
+                "rows on its node), or --split ep")
+    return "whole experts: stage it again with `python -m ktnuma.launch MODEL --split ep`"
+
+
+def handoff_split(m: Method, threadpool_count: int) -> str:
+    """The split a handoff (KTNUMA_STAGE) stages for `m` over `threadpool_count` parts."""
+    if m.wrapper == "amx" or threadpool_count == 1:
+        return "tp"  # amx: shard n on node n; one part: whole pieces
+    return "tp-whole" if m.wrapper == "native" else "ep"
 
 
 def method(name: str) -> Method:

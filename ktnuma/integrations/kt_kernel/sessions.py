@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ktnuma.errors import BadInput
-from ktnuma.integrations.kt_kernel.methods import Method, check_format
+from ktnuma.integrations.kt_kernel.methods import Method, check_format, handoff_split, split_refusal
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,10 @@ class Session:
             raise BadInput(f"{self.where}{what} nodes are {list(nodes)} but kt-kernel's numa_nodes are "
                            f"{list(p.numa_nodes)} (kt part i reads ktnuma node i); stage with a topology whose "
                            f"node ids are {list(p.numa_nodes)}")
-        if split not in m.splits or (split == "tp" and m.wrapper != "amx" and len(nodes) > 1):
-            use = "--split tp (shard n on node n)" if m.wrapper == "amx" else "--split ep"
+        takes = split_refusal(m, split, len(nodes))
+        if takes:
             raise BadInput(f"{self.where}{what} is a split={split} run over {len(nodes)} nodes; kt-kernel "
-                           f"{m.name} takes {'pre-sharded .numa shards' if m.wrapper == 'amx' else 'whole experts'}"
-                           f": stage it again with `python -m ktnuma.launch MODEL {use}`")
+                           f"{m.name} takes {takes}")
         if self.in_place and len(nodes) != 1:
             raise BadInput(f"{self.where}kt-kernel {m.name} on this CPU reads the weights in place and runs on "
                            f"one subpool; set --kt-threadpool-count 1 and stage it with `python -m ktnuma.launch MODEL --nodes 1`")
@@ -176,7 +175,7 @@ class Handoff(Session):
         if is_manifest(model):
             raise BadInput(f"{self.where}weight_path is a ktnuma manifest; {STAGE_ENV}=1 stages from the model "
                            f"directory (set {MANIFEST_ENV}={model} to attach to that run instead)")
-        split = "tp" if method.wrapper == "amx" or pool.threadpool_count == 1 else "ep"
+        split = handoff_split(method, pool.threadpool_count)
         prefetch = int(os.environ.get(PREFETCH_ENV, "1"))
         self._stack = ExitStack()
         self._lock = threading.RLock()
