@@ -21,15 +21,10 @@ from conftest import run_module
 pytestmark = pytest.mark.writers
 
 from tests.corpus import build, oracle  # noqa: E402
-from tests.corpus.pending import PENDING, skip_pending  # noqa: E402
+from tests.corpus.pending import PENDING, REFUSALS, skip_pending  # noqa: E402
 
 PROJS = ("gate", "up", "down")
 KEYS = [k for k in build.entries() if not (skip_pending() and k in PENDING)]
-# key -> regex of the one-line refusal: features no engine here can run (kt-kernel computes
-# silu(gate) * up experts).
-REFUSALS = {
-    "nemotron_h": r"(?i)(no gate|non-gated|ungated|gate.*missing|relu)",
-}
 SPLITS = [("tp", 2), ("tp", 4), ("ep", 2), ("ep", 4)]
 
 

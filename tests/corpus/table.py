@@ -8,7 +8,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 from tests.corpus import build, findings
-from tests.corpus.pending import PENDING
+from tests.corpus.pending import PENDING, REFUSALS
 
 
 def results(junit: str) -> dict[str, dict[str, str]]:
@@ -36,6 +36,10 @@ def main(argv=None) -> int:
             target = d / rec["file"] if "file" in rec else d
             verdict = findings.inspect(target).replace(str(d) + "/", "").replace(str(d), key)
             result = f"gap ({PENDING[key]}); inspect today: {verdict}"
+        elif key in REFUSALS and r and all(v == "ok" for v in r.values()):
+            target = d / rec["file"] if "file" in rec else d
+            verdict = findings.inspect(target).replace(str(d) + "/", "").replace(str(d), key)
+            result = f"refused as expected (exit 2, tested): {verdict}"
         elif r and all(v == "ok" for v in r.values()) and len(r) == 5:
             result = "inspect ok; stages byte-exact tp2 tp4 ep2 ep4 (+ kt-kernel where it has an engine)"
         else:
