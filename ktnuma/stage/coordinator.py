@@ -71,7 +71,6 @@ class Run:
         self.written: dict[tuple[int, int], int] = {}
         self.made: dict[tuple[int, int], tuple[dict | None, float]] = {}  # (placement, seconds) per segment
         self.read_bytes = 0
-        self.unplaced: set[tuple[int, int]] = set()  # segments created without a placement (others fill them)
         self.awaiting: dict[str, tuple[int, int]] = {}  # segment name -> (layer, node): "measure" sent
         self.bytes_total = sum(s.payload for s in plan.segments)
         self.node_bytes = {n.id: 0 for n in topology.nodes}
@@ -142,8 +141,6 @@ class Run:
         seconds = float(msg["seconds"])
         if job.create is not None:
             self.made[(job.layer, job.node)] = (msg.get("placement"), seconds)
-            if msg.get("placement") is None and not job.ops:
-                self.unplaced.add((job.layer, job.node))
         else:
             placement, before = self.made.get((job.layer, job.node), (None, 0.0))
             self.made[(job.layer, job.node)] = (placement, before + seconds)
@@ -167,7 +164,8 @@ class Run:
             placement, seconds = self.made.get((layer, s.node), (None, 0.0))
             self.done[layer].append(SegmentResult(self.name(layer, s.node), layer, s.node, s.size, got, seconds,
                                                   placement, self.sup.attempts.get((layer, s.node), 0) + 1))
-        measure = {s.node: s.size for s in segs if (layer, s.node) in self.unplaced}
+        # a segment created without its placement (others filled it): its owner reads it back now
+        measure = {s.node: s.size for s in segs if self.made.get((layer, s.node), (None,))[0] is None}
         for n in self.sup.commit(layer, [s.node for s in segs], measure):
             self.awaiting[self.name(layer, n)] = (layer, n)
         if self.drop_cache:
