@@ -1,12 +1,12 @@
-"""Build hook: install `ktnuma-kt-kernel.pth` at the root of site-packages, for regular and
-editable (`pip install -e .`) installs alike. Its one line is inert unless KTNUMA_MANIFEST or
+"""Build hooks: the worker's C packer (optional), and `ktnuma-kt-kernel.pth` at the root of
+site-packages, for regular and editable (`pip install -e .`) installs alike. Its one line is inert unless KTNUMA_MANIFEST or
 KTNUMA_STAGE is set in the environment (docs/kt-kernel.md)."""
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
@@ -49,4 +49,8 @@ class editable_wheel_with_pth(editable_wheel):
         return _StrategyWithPth(super()._select_strategy(*args, **kwargs))
 
 
-setup(cmdclass={"build_py": build_py_with_pth, "editable_wheel": editable_wheel_with_pth})
+# The worker's strided-row packer (ktnuma/_pack.c). Optional: without a C compiler the install still
+# succeeds and workers pack with numpy instead (slower start: each worker imports numpy).
+PACK = Extension("ktnuma._pack", ["ktnuma/_pack.c"], optional=True, extra_compile_args=["-O2"])
+
+setup(cmdclass={"build_py": build_py_with_pth, "editable_wheel": editable_wheel_with_pth}, ext_modules=[PACK])

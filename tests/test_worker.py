@@ -134,13 +134,14 @@ def _maps_numpy(pid: int) -> bool:
 
 
 def test_strided_rows_packed_in_python_until_the_budget_then_numpy(source):
-    """Small strided jobs are packed without importing numpy (start-up time); past the worker's
-    PY_ROWS budget numpy packs them; the bytes are the same either way."""
+    """Without the C packer (KTNUMA_NATIVE_PACK=0, or a build without a compiler), small strided jobs
+    are packed without importing numpy (start-up time); past the worker's PY_ROWS budget numpy packs
+    them; the bytes are the same either way."""
     from ktnuma.stage.worker_ops import PY_ROWS
 
     path, data = source
     rid = shm.new_run_id()
-    w = Worker([path])
+    w = Worker([path], env={"KTNUMA_NATIVE_PACK": "0"})
     names = []
     try:
         for i, (rows, run, src_stride, col) in enumerate(((128, 100, 300, 100), (PY_ROWS + 5, 2, 6, 2),
@@ -158,6 +159,61 @@ def test_strided_rows_packed_in_python_until_the_budget_then_numpy(source):
     finally:
         for name in names:
             shm.unlink(name)
+
+
+def test_strided_rows_packed_by_the_c_packer_never_import_numpy(source):
+    """The installed C packer (ktnuma/_pack.c, built by `pip install -e .`) packs strided rows of every
+    width (1 byte, odd, page-sized; rows well past PY_ROWS) without numpy ever loading in the worker."""
+    import ktnuma._pack  # noqa: F401 - missing: run `pip install -e .` (or `python setup.py build_ext -i`)
+    from ktnuma.stage.worker_ops import PY_ROWS
+
+    path, data = source
+    rid = shm.new_run_id()
+    w = Worker([path])
+    names = []
+    try:
+        for i, (rows, run, src_stride, col) in enumerate(((128, 100, 300, 100), (PY_ROWS + 5, 2, 6, 2),
+                                                          (3000, 1, 7, 6), (200, 4096, 12288, 4096))):
+            name = shm.segment_name(rid, i, 0)
+            names.append(name)
+            a = arr(0, 1, rows * run, [(1 << 20) + col], rows, run, src_stride, proj="down")
+            res = w.job(name, a.end, [a], layer=i)
+            assert res["op"] == "done", res
+            got = read_segment(name, a.end).reshape(rows, run)
+            src = data[1 << 20:(1 << 20) + rows * src_stride].reshape(rows, src_stride)[:, col:col + run]
+            assert (got == src).all(), i
+        assert not _maps_numpy(w.p.pid)
+        assert w.close() == 0
+    finally:
+        for name in names:
+            shm.unlink(name)
+
+
+def test_c_packer_against_numpy_and_its_bounds():
+    """ktnuma._pack.pack equals numpy's strided copy for random shapes, and refuses every out-of-bounds
+    or negative argument before it copies a byte (the destination stays untouched)."""
+    from ktnuma._pack import pack
+
+    src = RNG.integers(0, 256, 1 << 16, dtype=np.uint8)
+    for _ in range(300):
+        run = int(RNG.integers(0, 300))
+        stride = run + int(RNG.integers(0, 300))
+        rows = int(RNG.integers(0, 60))
+        off = int(RNG.integers(0, 1000))
+        if rows and off + (rows - 1) * stride + run > len(src):
+            continue
+        dst = bytearray(rows * run + 7)
+        pack(src, off, rows, run, stride, dst)
+        want = np.lib.stride_tricks.as_strided(src[off:], (rows, run), (stride, 1)).tobytes() if rows else b""
+        assert bytes(dst[:rows * run]) == want and dst[rows * run:] == bytes(7)
+    dst = bytearray(b"\xaa" * 64)
+    for args in ((0, 2, 8, 4), (-1, 1, 8, 8), (0, -1, 8, 8), (0, 1, -1, 8), (len(src) - 7, 1, 8, 8),
+                 (0, 9, 8, 8), (0, 2, 8, 1 << 62), (1 << 62, 1, 8, 8)):
+        with pytest.raises(ValueError, match="pack: "):
+            pack(src, *args, dst)
+        assert dst == b"\xaa" * 64, args
+    with pytest.raises(TypeError):
+        pack(src, 0, 1, 8, 8, bytes(8))  # a read-only destination
 
 
 def test_worker_pins_itself(source):

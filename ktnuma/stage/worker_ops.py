@@ -1,8 +1,9 @@
 """Executing one job's read ops (protocol.unpack_ops) in a small thread pool: the executor executes,
 it never plans. A copy (one plain contiguous write of the whole read) goes file -> segment with
 sendfile; anything else is read once into the thread's bounce buffer and each write's rows are
-packed (numpy, lazily imported: a worker's first PY_ROWS strided rows are packed in Python, so a
-small run never pays numpy's ~60 ms import), converted if asked, and pwritten into its node's segment."""
+packed, converted if asked, and pwritten into its node's segment. Strided rows are packed by
+ktnuma._pack (C, built at install; no import cost, no GIL held); without it, a worker's first PY_ROWS
+rows are packed in Python and the rest with numpy (lazily imported: ~0.1 s of CPU per worker)."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from ktnuma.host import shm
 from ktnuma.stage.protocol import Op
 from ktnuma.stage.worker_io import Sources, write_full
+
+native_pack: Callable[..., None] | None = None
+if os.environ.get("KTNUMA_NATIVE_PACK", "1") != "0":  # 0: the numpy/Python packers (tests, debugging)
+    try:
+        from ktnuma._pack import pack as native_pack
+    except ImportError:  # built without a C compiler (setup.py: optional), or a source tree never built
+        pass
 
 PY_ROWS = 1 << 16  # strided rows a worker packs in Python (~0.3 us each) before it imports numpy
 _py_rows = [PY_ROWS]  # what is left of that budget (pool threads race on it: approximate is fine)
@@ -75,6 +83,9 @@ class JobOps:
               conv: str | None) -> memoryview:
         if rows == 1 or run == stride:
             packed = data[s:s + rows * run]
+        elif native_pack is not None:
+            packed = room[:rows * run]
+            native_pack(data, s, rows, run, stride, packed)
         elif rows <= _py_rows[0] and "numpy" not in sys.modules:
             _py_rows[0] -= rows
             packed = room[:rows * run]
