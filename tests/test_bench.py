@@ -66,3 +66,17 @@ def test_peers_load_the_same_experts(tmp_path):
         assert rows[peer]["seconds"] > 0 and rows[peer]["peak"] > 0
     peer_targets = [t for t in s["targets"] if "faster than" in t["target"]]
     assert len(peer_targets) == 6, s["targets"]
+
+
+def test_ktwrapper_bench_reads_kt_kernels_own_load_times():
+    """The resident restart is split into kt-kernel's own C++ work and the rest from the per-layer line
+    kt-kernel 0.7.2's NativeMoEWrapper.load_weights prints (its format, verbatim)."""
+    from ktnuma.tools.bench_ktwrapper import _kt_cpp_seconds
+
+    lines = ["Created AVX2_RAW_INT4_MOE_TP 0 at numa 0 (group_size=32)",
+             "[NativeMoEWrapper Layer 4] load_experts: 0.8ms, prepare_tensors: 0.0ms, build_ptrs: 0.0ms, "
+             "create_moe: 3.3ms, cpp_load_weights: 226.1ms, cleanup: 0.3ms, total: 230.6ms",
+             "[NativeMoEWrapper Layer 5] load_experts: 5.1ms, prepare_tensors: 0.0ms, build_ptrs: 0.0ms, "
+             "create_moe: 1.2ms, cpp_load_weights: 250.6ms, cleanup: 0.3ms, total: 257.2ms"]
+    assert _kt_cpp_seconds(lines) == pytest.approx((3.3 + 226.1 + 1.2 + 250.6) / 1000)
+    assert _kt_cpp_seconds(lines[:1]) is None
