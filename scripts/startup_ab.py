@@ -33,14 +33,15 @@ from ktnuma.tools.bench.measure import set_cache  # noqa: E402
 def tree_env(tree: str, work: str, pyc: str) -> dict[str, str]:
     """The environment of a tree's runs. pyc=cached: bytecode cached under a private per-tree
     PYTHONPYCACHEPREFIX (as an installed package has its .pyc files); pyc=none: nothing cached,
-    every module compiled from source at every start (PYTHONDONTWRITEBYTECODE=1)."""
+    every module compiled from source at every start (PYTHONDONTWRITEBYTECODE=1, and an empty
+    PYTHONPYCACHEPREFIX, so a tree's own __pycache__ dirs, e.g. from scripts/install, are not read)."""
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
     if pyc == "cached":
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pyc", os.path.abspath(tree).strip("/").replace("/", "_"))
     else:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
-        env.pop("PYTHONPYCACHEPREFIX", None)
+        env["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pyc-none")  # never written: stays empty
     return env
 
 
