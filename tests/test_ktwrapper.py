@@ -300,6 +300,27 @@ def test_amx_loader_output_equals_upstream_safetensor_loader(detached, synth_mod
         sess.close()
 
 
+def cpu_has_amx() -> bool:
+    from ktnuma.integrations.kt_kernel.methods import cpu_has_amx as has
+
+    return has()
+
+
+def test_amx_only_engines_are_refused_without_amx_whatever_this_cpu_has():
+    """The refusal itself, on any CPU (the through-the-wrapper case above needs a CPU without AMX):
+    FP8_PERCHANNEL always needs AMX, MXFP8 only when KT_MXFP8_BACKEND=amx forces it."""
+    from ktnuma.errors import BadInput
+    from ktnuma.integrations.kt_kernel.methods import check_cpu, method
+
+    with pytest.raises(BadInput, match="needs AMX") as e:
+        check_cpu(method("FP8_PERCHANNEL"), {}, has_amx=False)
+    assert "\n" not in str(e.value) and "--kt-method FP8" in str(e.value)
+    check_cpu(method("FP8_PERCHANNEL"), {}, has_amx=True)
+    check_cpu(method("MXFP8"), {}, has_amx=False)
+    with pytest.raises(BadInput, match="KT_MXFP8_BACKEND=amx"):
+        check_cpu(method("MXFP8"), {"KT_MXFP8_BACKEND": "AMX"}, has_amx=False)
+
+
 def _refused(res, *phrases: str) -> None:
     assert res["exitcode"] == 2, res.get("error") or res["stderr"][-1500:]
     import ktnuma.errors
@@ -331,10 +352,17 @@ def test_refusals_through_the_real_wrapper_are_one_line_and_leave_nothing(child,
     man_amx = detached(amx.path, "tp", 2)
     _refused(child("AMXINT4", amx.path, amx, 1, KTNUMA_MANIFEST=man_amx), "2 node(s)", "threadpool_count 1")
     _refused(child("AMXINT4", amx.path, amx, 1, KTNUMA_STAGE="1"), "2 .numa shards")
-    # FP8_PERCHANNEL runs only on an AMX engine: refused on this CPU before any weight moves
+    # FP8_PERCHANNEL runs only on an AMX engine: refused on a CPU without AMX before any weight moves;
+    # on an AMX CPU the same handoff loads, bit-identical to the stock load
     ch = synth_model("fp8-channel", hidden=128, intermediate=256, experts=E, experts_per_tok=TOPK)
     chi = _Info(ch, 128, 256)
-    _refused(child("FP8_PERCHANNEL", ch.path, chi, 1, KTNUMA_STAGE="1"), "needs AMX")
+    ho = child("FP8_PERCHANNEL", ch.path, chi, 1, KTNUMA_STAGE="1")
+    if not cpu_has_amx():
+        _refused(ho, "needs AMX")
+    else:
+        stock = child("FP8_PERCHANNEL", ch.path, chi, 1)
+        assert ho["exitcode"] == 0 and stock["exitcode"] == 0, (ho.get("error"), stock.get("error"))
+        _same(stock["out"], ho["out"])  # (its segments: the detached runs above share the prefix)
     # experts missing for a layer the engine builds
     man_l1 = str(tmp_path / "l1.json")
     r = run_module("launch", bf16.path, "--nodes", "1", "--layers", "1", "--detach", "--quiet", "--manifest", man_l1)
