@@ -24,9 +24,10 @@ static PyObject *pack(PyObject *self, PyObject *args) {
         goto out;
     }
     if (rows > 0) {
-        /* the last run ends at offset + (rows - 1) * stride + run; no overflow: each factor is checked */
-        if ((rows - 1) > (PY_SSIZE_T_MAX - offset - run) / (stride ? stride : 1) ||
-            offset + (rows - 1) * stride + run > src.len) {
+        /* the last run ends at offset + (rows - 1) * stride + run <= src.len; checked without any
+           sum or product that could overflow (src.len - offset - run >= 0 once the first test passed) */
+        if (offset > src.len || run > src.len - offset ||
+            (stride > 0 && rows - 1 > (src.len - offset - run) / stride)) {
             PyErr_Format(PyExc_ValueError, "pack: %zd rows of %zd bytes every %zd from byte %zd overrun the "
                          "%zd-byte source", rows, run, stride, offset, src.len);
             goto out;

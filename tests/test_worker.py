@@ -208,7 +208,8 @@ def test_c_packer_against_numpy_and_its_bounds():
         assert bytes(dst[:rows * run]) == want and dst[rows * run:] == bytes(7)
     dst = bytearray(b"\xaa" * 64)
     for args in ((0, 2, 8, 4), (-1, 1, 8, 8), (0, -1, 8, 8), (0, 1, -1, 8), (len(src) - 7, 1, 8, 8),
-                 (0, 9, 8, 8), (0, 2, 8, 1 << 62), (1 << 62, 1, 8, 8)):
+                 (0, 9, 8, 8), (0, 2, 8, 1 << 62), (1 << 62, 1, 8, 8), ((1 << 63) - 1, 1, 8, 16),
+                 (len(src), 1, 1, 1), (8, 3, 1 << 62, 1 << 62)):
         with pytest.raises(ValueError, match="pack: "):
             pack(src, *args, dst)
         assert dst == b"\xaa" * 64, args
