@@ -1,6 +1,6 @@
 """Build hooks: the worker's C packer (optional), and `ktnuma-kt-kernel.pth` at the root of
-site-packages, for regular and editable (`pip install -e .`) installs alike. Its one line is inert unless KTNUMA_MANIFEST or
-KTNUMA_STAGE is set in the environment (docs/kt-kernel.md)."""
+site-packages, for regular and editable (`pip install -e .`) installs alike. Its one line is inert
+unless KTNUMA_MANIFEST or KTNUMA_STAGE is set in the environment (docs/kt-kernel.md)."""
 from __future__ import annotations
 
 import os
