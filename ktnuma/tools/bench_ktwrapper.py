@@ -209,11 +209,10 @@ def _report(facts: dict, rows: dict[tuple[str, str], list[dict]], a: Any) -> lis
             hook = _median(rs, "hook_s") or 0.0
             cpp = _median(rs, "kt_cpp_s")
             xs, xp = (load / b_load if b_load else None), (peak / b_peak if b_peak else None)
-            got[(mode, case)] = {"load": load, "peak": peak, "xs": xs, "xp": xp, "hook": hook}
-            got[(mode, case)]["cpp"] = cpp
-            note = (f"restart {load + hook:.3f} s (kt-kernel's C++ create_moe + load_weights: "
-                    f"{cpp if cpp is not None else float('nan'):.3f} s); memory {peak / G:.2f} GiB engine side + "
-                    f"{staged:.2f} GiB segments" if case == "resident" else "")
+            got[(mode, case)] = {"load": load, "peak": peak, "xs": xs, "xp": xp, "hook": hook, "cpp": cpp}
+            kt = f" (kt-kernel's C++ create_moe + load_weights: {cpp:.3f} s)" if cpp is not None else ""
+            note = (f"restart {load + hook:.3f} s{kt}; memory {peak / G:.2f} GiB engine side + {staged:.2f} GiB "
+                    "segments" if case == "resident" else "")
             f = (lambda v: f"{v:8.3f}" if v is not None else f"{'-':>8}")
             print(f"{mode:5} {case:9} {load:8.3f} {f(xs)} {_median(rs, 'import_s') or 0:8.3f} {hook:7.3f} "
                   f"{peak / G:9.3f} {f(xp)}  {note}")
