@@ -80,3 +80,70 @@ def test_ktwrapper_bench_reads_kt_kernels_own_load_times():
              "create_moe: 1.2ms, cpp_load_weights: 250.6ms, cleanup: 0.3ms, total: 257.2ms"]
     assert _kt_cpp_seconds(lines) == pytest.approx((3.3 + 226.1 + 1.2 + 250.6) / 1000)
     assert _kt_cpp_seconds(lines[:1]) is None
+
+
+def _row(rounds):
+    import statistics
+    return {"seconds": statistics.median(rounds), "rounds": rounds, "read_ratio": 1.0}
+
+
+def test_two_case_targets_are_judged_on_the_rounds_paired_ratios():
+    """tp@8 against ep@8 (and the sendfile floor against staging) is judged round by round: a slow
+    round slows both cases of that round, and must not turn into a ratio of medians from different
+    rounds. The message carries the paired median, the range and the ratio of the medians."""
+    from ktnuma.tools.bench.report import paired, targets
+
+    ep, tp = _row([1.0, 3.0, 1.1]), _row([1.1, 3.3, 3.0])  # medians 1.1 vs 3.0: 2.7x; pairs 1.1, 1.1, 2.7
+    med, lo, hi, n = paired(tp, ep)
+    assert (round(med, 9), round(lo, 9), round(hi, 9), n) == (1.1, 1.1, round(3.0 / 1.1, 9), 3)
+    s = {"bytes": 1, "largest_layer": 1, "nodes": 2, "modes": {"warm": {"ep@8": ep, "tp@8": tp}}}
+    (t,) = [t for t in targets(s) if "<= 1.15 x" in t["target"]]
+    assert t["ok"] and t["measured"].startswith("1.10 x paired median of 3 round(s) (range 1.10-2.73)")
+    assert "= 2.73 x" in t["measured"]
+    # the other way round: the medians agree, every pair says tp is slower
+    ep, tp = _row([1.0, 2.0, 3.0]), _row([2.2, 2.1, 3.6])
+    s["modes"]["cold"] = {"ep-direct@8": ep, "tp-direct@8": tp}
+    (t,) = [t for t in targets(s) if t["target"].startswith("cold tp-direct@8 <= 1.15")]
+    assert not t["ok"] and t["measured"].startswith("1.20 x"), t
+    # a case that failed part-way has fewer rounds: the pairs stop there
+    assert paired(_row([2.0]), _row([1.0, 5.0]))[1:] == (2.0, 2.0, 1)
+
+
+def test_sendfile_floor_target_is_paired():
+    from ktnuma.tools.bench.report import targets
+
+    warm = {"raw": _row([9.0, 9.0]), "rawsf": _row([1.0, 2.0]), "ep": _row([1.1, 2.2])}
+    for r in warm.values():
+        r.update(vs_raw=1.0, peak=0, cache_left=0.0)
+    s = {"bytes": 1, "largest_layer": 1, "nodes": 2, "modes": {"warm": warm}}
+    (t,) = [t for t in targets(s) if "sendfile floor" in t["target"]]
+    assert t["ok"] and t["measured"].startswith("0.91 x paired median of 2"), t
+
+
+def test_warm_free_memory_writes_and_frees_and_leaves_nothing(tmp_path, monkeypatch):
+    """The bench's warm-up allocates and writes every byte of its scratch file before it frees it
+    (seen at its close), and leaves no file behind, even when the space is not there."""
+    from ktnuma.tools.bench import measure
+    from ktnuma.tools.bench.measure import warm_free_memory
+
+    d = str(tmp_path)
+    seen, close = [], os.close
+
+    def spy(fd):
+        st = os.fstat(fd)
+        seen.append((st.st_size, st.st_blocks * 512, os.pread(fd, 8, st.st_size - 8) if st.st_size else b""))
+        close(fd)
+
+    monkeypatch.setattr(measure.os, "close", spy)
+    assert warm_free_memory(3 << 20, d) is True
+    monkeypatch.setattr(measure.os, "close", close)
+    assert seen == [(3 << 20, 3 << 20, bytes(8))], seen
+    assert os.listdir(d) == []
+    assert warm_free_memory(1 << 62, d) is False  # no such space: refused, nothing left
+    assert os.listdir(d) == []
+    os.chmod(d, 0o500)
+    try:
+        if os.geteuid() != 0:  # root writes anyway
+            assert warm_free_memory(1 << 20, d) is False
+    finally:
+        os.chmod(d, 0o700)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from ktnuma.tools.bench.measure import cached_fraction, set_cache, timed
+from ktnuma.tools.bench.measure import cached_fraction, set_cache, timed, warm_free_memory
 from ktnuma.tools.bench.models import expert_ranges
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -25,8 +25,8 @@ STAGING = re.compile(r"^(ep|tp)(-direct)?(?:@(\d+))?$")
 
 
 class Bench:
-    def __init__(self, model: str, nodes: int, work: str) -> None:
-        self.model, self.nodes, self.work = model, nodes, work
+    def __init__(self, model: str, nodes: int, work: str, warm_memory: bool = True) -> None:
+        self.model, self.nodes, self.work, self.warm_memory = model, nodes, work, warm_memory
         self.files, self.ranges, self.largest, self.names = expert_ranges(model)
         self.bytes = sum(r[2] for r in self.ranges)
         self.spec = os.path.join(work, "spec.json")
@@ -70,6 +70,8 @@ class Bench:
         manifest = None
         try:
             cmd, manifest = self.command(case, warm)
+            if self.warm_memory:  # last, right before the clock starts (measure.warm_free_memory)
+                warm_free_memory(self.bytes + 2 * self.largest)
             secs, peak, out, parts = timed(cmd, self.env, self.files, self.shm_prefixes)
         finally:
             if manifest:

@@ -18,7 +18,10 @@ posix_fadvise(DONTNEED) first):
 Per case: seconds, GB/s (expert bytes / seconds), peak memory (anonymous RSS of the process tree +
 the shared memory it created or maps + the model's file pages it keeps mapped; sampled every ~5 ms;
 not shared libraries), page cache left on the expert ranges, read amplification (staging cases).
-Then each of the issue's targets, ok or MISS. A table on stdout; --json prints one JSON object
+Before each timed case the bench writes and frees that much shared memory (--no-warm-memory: not),
+so every case starts with free memory the host has backed (measure.warm_free_memory).
+Then each of the issue's targets, ok or MISS; one comparing two cases' times is judged on the
+median of the rounds' ratios (report.paired). A table on stdout; --json prints one JSON object
 instead. --quick: small model, 1 repeat.
 """
 from __future__ import annotations
@@ -58,6 +61,10 @@ def _args(argv: list[str]) -> argparse.Namespace:
                    help="where synth models are kept (default $TMPDIR/ktnuma-bench)")
     p.add_argument("--quick", action="store_true", help="small model, 1 repeat (the test suite's run)")
     p.add_argument("--overhead", action="store_true", help="also time plan + spawn for a DeepSeek-V3-sized plan")
+    p.add_argument("--no-warm-memory", dest="warm_memory", action="store_false",
+                   help="do not write and free the staged bytes' worth of shared memory right before each "
+                        "timed case (a VM with free page reporting otherwise makes a case's speed depend on "
+                        "what ran before it)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the table")
     a = p.parse_args(argv)
     default = [c for c in CASES if not (a.quick and c in PEER_CASES)]
@@ -89,6 +96,7 @@ def _medians(results: dict[str, dict[str, list[dict]]]) -> dict:
             if rs:
                 rows[c] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
                 rows[c]["runs"] = len(rs)
+                rows[c]["rounds"] = [r["seconds"] for r in rs]  # in round order: report.paired
         raw = rows.get("raw", {}).get("seconds")
         up = rows.get("upstream", {}).get("seconds")
         for r in rows.values():
@@ -111,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, dict[str, list[dict]]] = {m: {c: [] for c in cases} for m in modes}
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="ktnuma-bench.") as work:
-        b = Bench(model, a.nodes, work)
+        b = Bench(model, a.nodes, work, a.warm_memory)
         for _ in range(repeat):
             for mode in modes:
                 for c in cases:
@@ -122,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     except Exception as exc:  # noqa: BLE001 - reported in the table
                         errors[c] = f"{type(exc).__name__}: {exc}"[:600]
     summary = {"model": model, "format": a.format, "bytes": b.bytes, "largest_layer": b.largest,
-               "nodes": a.nodes, "repeat": repeat, "errors": errors, "modes": _medians(results)}
+               "nodes": a.nodes, "repeat": repeat, "warm_memory": a.warm_memory, "errors": errors,
+               "modes": _medians(results)}
     if a.overhead:
         from ktnuma.tools.bench.overhead import overhead
 

@@ -178,6 +178,33 @@ def cached_fraction(files: Sequence[str], ranges: Sequence[tuple[int, int, int]]
     return resident / total if total else 0.0
 
 
+def warm_free_memory(nbytes: int, shm_dir: str = "/dev/shm") -> bool:
+    """Write ``nbytes`` into a scratch file of ``shm_dir`` and free it, right before a timed case, so
+    that every case starts with free memory its host has backed. On a VM with free page reporting
+    (virtio-balloon), memory free for more than ~2 s is handed back to the host, and the next first
+    touch of each page costs a host fault: a case would run up to 2x slower or faster depending on
+    what ran before it (a release just before, or a page cache it dropped). Bare metal has no such
+    state. False (and nothing left behind) when the space is not there."""
+    path = os.path.join(shm_dir, f"ktnuma-bench-warm.{os.getpid()}")  # not a "ktnuma." segment name
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return False
+    try:
+        os.unlink(path)  # the open fd keeps it until close: nothing can be left behind
+        os.ftruncate(fd, nbytes)
+        os.posix_fallocate(fd, 0, nbytes)
+        step = 8 << 20
+        buf = bytes(step)
+        for off in range(0, nbytes, step):
+            os.pwrite(fd, buf[:min(step, nbytes - off)], off)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def set_cache(files: Sequence[str], warm: bool) -> None:
     for path in files:
         fd = os.open(path, os.O_RDONLY)
