@@ -315,6 +315,40 @@ def test_page_cache_of_experts_dropped(synth_model, tmp_path):
         shm.unlink_run(m["run_id"])
 
 
+def test_each_layers_page_cache_is_dropped_by_the_time_it_is_handed_out(synth_model):
+    """The coordinator drops a complete layer's page cache after it has sent the next jobs, within
+    the same step: a streaming consumer handed layer L finds L's source ranges out of the page
+    cache (and nothing waits for the end of the run)."""
+    from ktnuma.host import shm
+    from ktnuma.host.topology import select
+    from ktnuma.index.experts import index_model
+    from ktnuma.plan.planner import plan as make_plan
+    from ktnuma.stage.coordinator import Run
+
+    info = synth_model("bf16", layers=4, mtp=False, intermediate=512)
+    for f in info.files:  # clean and fully cached first
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+            while fh.read(1 << 20):
+                pass
+    topo = select(path=TOPOS[2])
+    p = make_plan(index_model(info.path), topo, "tp")
+    run_id = shm.new_run_id()
+    left = {}
+    with Run(p, topo, run_id=run_id, layers_in_flight=1, stream=True) as run:
+        for done in run.layers():
+            ranges = [(r.start, r.length) for r in p.drop_ranges(done.layer)]
+            later = [(r.start, r.length) for lyr in p.layers if lyr > done.layer for r in p.drop_ranges(lyr)]
+            left[done.layer] = (resident_fraction(p.files[0], ranges),
+                                resident_fraction(p.files[0], later) if later else None)
+            run.release_layer(done.layer)
+    assert shm.run_segments(run_id) == []
+    assert len(p.files) == 1 and sorted(left) == list(p.layers)
+    for layer, (mine, later) in left.items():
+        assert mine < 0.05, (layer, left)  # dropped before the consumer saw it
+        assert later is None or later > 0.5, (layer, left)  # layers not staged yet keep theirs
+
+
 @pytest.mark.parametrize("nodes,split", [(2, "tp"), (4, "tp"), (4, "ep")])
 def test_every_source_byte_read_once_at_any_node_count(nodes, split, synth_model, tmp_path):
     """tp's strided down pieces are read once and scattered to every node's segment (cross-node
