@@ -316,9 +316,9 @@ def test_page_cache_of_experts_dropped(synth_model, tmp_path):
 
 
 def test_each_layers_page_cache_is_dropped_by_the_time_it_is_handed_out(synth_model):
-    """The coordinator drops a complete layer's page cache after it has sent the next jobs, within
-    the same step: a streaming consumer handed layer L finds L's source ranges out of the page
-    cache (and nothing waits for the end of the run)."""
+    """The coordinator drops a complete layer's page cache as the layer completes, not only when
+    the run closes: a streaming consumer handed layer L finds L's source ranges out of the page
+    cache, while the layers not staged yet keep theirs."""
     from ktnuma.host import shm
     from ktnuma.host.topology import select
     from ktnuma.index.experts import index_model

@@ -18,8 +18,9 @@ posix_fadvise(DONTNEED) first):
 Per case: seconds, GB/s (expert bytes / seconds), peak memory (anonymous RSS of the process tree +
 the shared memory it created or maps + the model's file pages it keeps mapped; sampled every ~5 ms;
 not shared libraries), page cache left on the expert ranges, read amplification (staging cases).
-Before each timed case the bench writes and frees that much shared memory (--no-warm-memory: not),
-so every case starts with free memory the host has backed (measure.warm_free_memory).
+Before each timed case the bench writes and frees the staged bytes plus two layers of shared memory
+(--no-warm-memory: not), so every case starts with free memory the host has backed
+(measure.warm_free_memory).
 Then each of the issue's targets, ok or MISS; one comparing two cases' times is judged on the
 median of the rounds' ratios (report.paired). A table on stdout; --json prints one JSON object
 instead. --quick: small model, 1 repeat.
