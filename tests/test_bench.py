@@ -147,3 +147,51 @@ def test_warm_free_memory_writes_and_frees_and_leaves_nothing(tmp_path, monkeypa
             assert warm_free_memory(1 << 20, d) is False
     finally:
         os.chmod(d, 0o700)
+
+
+def test_sampler_counts_our_segments_and_the_models_mapped_pages(tmp_path):
+    """The sampler's maps scan (bytes, only the lines naming /dev/shm or a model file) finds a
+    mapped segment of ours even once it is unlinked, ignores another prefix's, and counts the
+    model file's resident mapped pages; the sampling thread's own CPU is kept."""
+    import mmap
+    import time
+
+    from ktnuma.tools.bench import measure
+
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(os.urandom(3 << 20))
+    ours, theirs = f"/dev/shm/ktnuma.samptest.{os.getpid()}", f"/dev/shm/other.samptest.{os.getpid()}"
+    maps, fds = [], []
+    try:
+        for path, size in ((ours, 5 << 20), (theirs, 1 << 20)):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fds.append(fd)
+            os.ftruncate(fd, size)
+            maps.append(mmap.mmap(fd, size))
+        os.unlink(ours)  # unlinked, still mapped: still ours, still counted
+        with open(model, "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        maps.append(m)
+        for i in range(0, 2 << 20, 4096):  # 2 MiB of the 3 resident through the mapping
+            m[i]
+        seen: dict = {}
+        rss: dict = {}
+        measure._mapped(os.getpid(), frozenset([str(model)]), ("ktnuma.",), seen, rss)
+        assert seen == {ours: 5 << 20}, seen
+        assert list(rss) == [(os.getpid(), str(model))]
+        assert 2 << 20 <= rss[(os.getpid(), str(model))] <= 3 << 20, rss
+        s = measure.Sampler(os.getpid(), [str(model)], ("ktnuma.",), interval=0.001)
+        s.start()
+        time.sleep(0.1)
+        s.stop.set()
+        s.join()
+        assert s.samples >= 5 and s.cpu > 0, (s.samples, s.cpu)
+        assert s.parts["shm"] >= 5 << 20 and s.parts["model_files"] >= 2 << 20, s.parts
+    finally:
+        for mm in maps:
+            mm.close()
+        for fd in fds:
+            os.close(fd)
+        for path in (ours, theirs):
+            if os.path.exists(path):
+                os.unlink(path)

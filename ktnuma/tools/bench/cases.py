@@ -79,7 +79,7 @@ class Bench:
         left = cached_fraction(self.files, self.ranges)
         row = {"seconds": secs, "gbps": self.bytes / secs / 1e9, "peak": peak, "cache_left": left,
                "peak_anon": parts["anon"], "peak_shm": parts["shm"], "peak_model_files": parts["model_files"],
-               "max_shm": parts["max_shm"]}
+               "max_shm": parts["max_shm"], "sampler_cpu": parts["sampler_cpu"]}
         if STAGING.match(case):
             s = json.loads(out.strip().splitlines()[0])
             row["read_ratio"] = s["read_bytes"] / s["bytes"] if s["bytes"] else 0.0

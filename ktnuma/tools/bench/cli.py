@@ -16,8 +16,9 @@ posix_fadvise(DONTNEED) first):
             into owned CPU memory, every byte touched (safe_open + get_tensor; fastsafe_open
             nogds on CPU; runai's SafetensorsStreamer)
 Per case: seconds, GB/s (expert bytes / seconds), peak memory (anonymous RSS of the process tree +
-the shared memory it created or maps + the model's file pages it keeps mapped; sampled every ~5 ms;
-not shared libraries), page cache left on the expert ranges, read amplification (staging cases).
+the shared memory it created or maps + the model's file pages it keeps mapped; sampled every 20 ms;
+not shared libraries; the sampler's own CPU time: --json's sampler_cpu), page cache left on the
+expert ranges, read amplification (staging cases).
 Before each timed case the bench writes and frees the staged bytes plus two layers of shared memory
 (--no-warm-memory: not), so every case starts with free memory the host has backed
 (measure.warm_free_memory).
