@@ -75,7 +75,7 @@ BENCH_CASES = {
 # ----------------------------------------------------------------------------------------------
 # Standalone: the load itself (timed inside the engine process, interpreter start-up excluded), alternated.
 #   python -m ktnuma.tools.bench_ktwrapper MODEL [MODEL ...] [--nodes N] [--repeat R] [--env K=V ...]
-#        [--ktnuma-env K=V ...] [--resident-env K=V ...]
+#        [--ktnuma-env K=V ...] [--resident-env K=V ...] [--no-warm-memory]
 # Several MODELs (e.g. the same layer count at two sizes): each is measured on its own (stock, handoff,
 # resident alternated within it) and the targets are judged per model, so a fixed cost shows as a
 # ratio that shrinks with the model.
@@ -109,6 +109,7 @@ def _measure(a: Any, model: str, work: str) -> tuple[dict, dict[tuple[str, str],
     import numpy as np
 
     from ktnuma.index.experts import index_model
+    from ktnuma.tools.bench.measure import warm_free_memory
 
     files = [f.path for f in index_model(model).files]
     os.makedirs(work)
@@ -133,9 +134,13 @@ def _measure(a: Any, model: str, work: str) -> tuple[dict, dict[tuple[str, str],
                 "resident": {"KTNUMA_MANIFEST": man, **ours, **_kv(a.resident_env)}}
         rows: dict[tuple[str, str], list[dict]] = {}
         repeated = 0
+        layers = max(len(json.load(open(_spec(B)))["layers"]), 1)
+        warm_bytes = staged + 2 * -(-staged // layers)  # the staged bytes + two layers, as the bench's
 
         def once(mode: str, case: str) -> dict:
             _set_cache(files, mode == "warm")
+            if a.warm_memory:  # right before the child starts (ktnuma.tools.bench.measure.warm_free_memory)
+                warm_free_memory(warm_bytes)
             argv_ = _argv(B, **envs[case])
             cmd = [argv_[0], f"KTNUMA_RUN_ID_PREFIX={mine}", *(f"{k}={v}" for k, v in extra.items()), *argv_[1:-1]]
             r = subprocess.run(cmd, capture_output=True, text=True, env=B.env)
@@ -251,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resident-env", action="append", default=[],
                     help="K=V for the resident case only (e.g. KT_RAWINT4_BACKEND=avx2: the in-place engine, "
                          "which a handoff refuses)")
+    ap.add_argument("--no-warm-memory", dest="warm_memory", action="store_false",
+                    help="do not write and free the staged bytes + two layers of shared memory right before "
+                         "each child (python -m ktnuma.bench --help: a VM with free page reporting otherwise "
+                         "makes a case's speed depend on what ran before it)")
     a = ap.parse_args(argv)
     verdicts: list[tuple[str, str, bool | None, str]] = []
     with tempfile.TemporaryDirectory(prefix="ktwrapper-bench-") as work:
