@@ -182,10 +182,12 @@ def test_sampler_counts_our_segments_and_the_models_mapped_pages(tmp_path):
         assert 2 << 20 <= rss[(os.getpid(), str(model))] <= 3 << 20, rss
         s = measure.Sampler(os.getpid(), [str(model)], ("ktnuma.",), interval=0.001)
         s.start()
-        time.sleep(0.1)
+        end = time.monotonic() + 30  # a sample of a process that imported torch can take 20+ ms
+        while s.samples < 3 and time.monotonic() < end:
+            time.sleep(0.01)
         s.stop.set()
         s.join()
-        assert s.samples >= 5 and s.cpu > 0, (s.samples, s.cpu)
+        assert s.samples >= 3 and s.cpu > 0, (s.samples, s.cpu)
         assert s.parts["shm"] >= 5 << 20 and s.parts["model_files"] >= 2 << 20, s.parts
     finally:
         for mm in maps:
