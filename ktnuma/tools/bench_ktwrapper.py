@@ -127,15 +127,16 @@ def _measure(a: Any, model: str, work: str) -> tuple[dict, dict[tuple[str, str],
     _resident(B)  # staged once, before the rounds (its own run-id prefix: not in the peaks)
     try:
         staged = sum(s["size"] for s in json.load(open(man))["segments"])
-        method = json.load(open(_spec(B)))["method"]
+        with open(_spec(B)) as f:
+            spec = json.load(f)
+        method = spec["method"]
         mine = os.urandom(3).hex()
         extra, ours = _kv(a.env), _kv(a.ktnuma_env)
         envs = {"stock": {}, "handoff": {"KTNUMA_STAGE": "1", **ours},
                 "resident": {"KTNUMA_MANIFEST": man, **ours, **_kv(a.resident_env)}}
         rows: dict[tuple[str, str], list[dict]] = {}
         repeated = 0
-        layers = max(len(json.load(open(_spec(B)))["layers"]), 1)
-        warm_bytes = staged + 2 * -(-staged // layers)  # the staged bytes + two layers, as the bench's
+        warm_bytes = staged + 2 * -(-staged // max(len(spec["layers"]), 1))  # staged + two layers, as the bench
 
         def once(mode: str, case: str) -> dict:
             _set_cache(files, mode == "warm")

@@ -51,7 +51,7 @@ def _mapped(pid: int, model_files: frozenset[str], shm_prefixes: tuple[str, ...]
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return
     want_smaps = False
-    for needle in (b"/dev/shm/", *_needles(model_files)):
+    for needle in (b"/dev/shm/", *{os.path.basename(p).encode() for p in model_files if p}):
         at = data.find(needle)
         while at >= 0:
             lo_line = data.rfind(b"\n", 0, at) + 1
@@ -83,17 +83,6 @@ def _mapped(pid: int, model_files: frozenset[str], shm_prefixes: tuple[str, ...]
         return
     for path, v in total.items():
         files_rss[(pid, path)] = v
-
-
-_needle_cache: dict[frozenset[str], tuple[bytes, ...]] = {}
-
-
-def _needles(model_files: frozenset[str]) -> tuple[bytes, ...]:
-    """The model files' names as bytes, each once (a path found in a line is checked whole)."""
-    got = _needle_cache.get(model_files)
-    if got is None:
-        got = _needle_cache[model_files] = tuple(sorted({os.path.basename(p).encode() for p in model_files if p}))
-    return got
 
 
 class Sampler(threading.Thread):
