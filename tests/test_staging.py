@@ -11,6 +11,7 @@ import ctypes
 import json
 import mmap
 import os
+import signal
 import subprocess
 import sys
 
@@ -201,6 +202,45 @@ def test_worker_death_is_retried_and_result_exact(synth_model, tmp_path, monkeyp
         assert res.retries_used == 2
         assert [e.kind for e in events].count("retry") == 2
         assert {s.name: s.attempts for s in res.segments}[shm.segment_name(res.run_id, layer, 1)] == 3
+        verify_in_subprocess(path)
+    finally:
+        shm.unlink_run(m["run_id"])
+
+
+@pytest.mark.parametrize("split", ["ep", "tp"])
+def test_worker_dying_with_its_next_job_queued(split, synth_model, tmp_path, monkeypatch):
+    """Each worker is sent its next job before it finishes the current one (supervisor.QUEUED). A
+    worker that dies mid-job has one queued behind it: that one goes back to the schedule without
+    counting as a failure, the dead one's job is retried once, and the result is exact."""
+    from ktnuma.host import shm
+    from ktnuma.stage import supervisor
+
+    info = synth_model("bf16", layers=4, mtp=False)
+    layer = info.moe_layers[0]
+    monkeypatch.setenv("KTNUMA_WORKER_FAULT", f"{layer}:0:1")  # node 0 dies once on the first layer
+    monkeypatch.setenv("KTNUMA_WORKER_DELAY", "0.2")  # its jobs with reads last long enough to queue behind
+    depth: list[int] = []
+    send = supervisor.Supervisor.send
+
+    def counting_send(self, p, job):
+        send(self, p, job)
+        depth.append(len(p.jobs))
+
+    monkeypatch.setattr(supervisor.Supervisor, "send", counting_send)
+
+    def hung(signum, frame):  # a job lost with the dead worker would leave its layer waiting forever
+        raise TimeoutError("staging did not finish in 60 s: a job was lost")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        m, path, res = _stage_and_publish(info, 2, split, tmp_path, retries=1)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    try:
+        assert max(depth) == supervisor.QUEUED == 2
+        assert res.retries_used == 1
         verify_in_subprocess(path)
     finally:
         shm.unlink_run(m["run_id"])

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,7 @@ class WorkerProc:
         # own process group: a terminal's Ctrl-C reaches the coordinator only (workers follow the pipe)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, process_group=0,
                                      close_fds=True, env=env or worker_env())
-        self.job: Any = None  # the coordinator's current job on this worker
+        self.jobs: deque[Any] = deque()  # jobs sent and not answered yet, in the order it runs them
         self.layer: int | None = None  # layer of the last job sent
         self.heard = time.monotonic()  # when it last sent a message (or was sent a job)
         self.stalled: str | None = None  # why the coordinator killed it, if it did
@@ -79,8 +80,16 @@ class WorkerProc:
         except (BrokenPipeError, OSError, ValueError):
             return False
 
+    @property
+    def job(self) -> Any:
+        """The job it is running now (the oldest unanswered one), or None when idle."""
+        return self.jobs[0] if self.jobs else None
+
     def send_job(self, job: Any, data: bytes) -> None:
-        self.job, self.layer, self.heard = job, job.layer, time.monotonic()
+        if not self.jobs:
+            self.heard = time.monotonic()  # the stall deadline runs from the start of its job
+        self.jobs.append(job)
+        self.layer = job.layer
         self.send(data)  # a broken pipe shows up as EOF on its stdout
 
     def kill_stalled(self, why: str) -> None:

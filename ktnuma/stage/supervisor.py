@@ -19,6 +19,7 @@ log = logging.getLogger("ktnuma.stage.coordinator")
 
 STALL_ENV = "KTNUMA_STALL_TIMEOUT"  # seconds without any progress before a busy worker counts as dead
 STALL_DEFAULT = 300.0
+QUEUED = 2  # jobs sent ahead to a worker: the one it runs and the next (it reads them in order)
 
 
 def stall_timeout(value: float | None = None) -> float:
@@ -77,15 +78,16 @@ class Supervisor:
         return p
 
     def dispatch(self) -> None:
+        """Keep every worker's queue QUEUED jobs deep (as far as the schedule allows): the next job
+        is already in its stdin when it finishes one, so it never waits for this process."""
         for nid, p in list(self.procs.items()):
-            if p.job is not None:
-                continue
-            job = self.sched.next_job(nid)
-            if job is None:
-                if self.sched.settled(nid):
-                    p.close_stdin()  # nothing left, its segments committed: let it exit
-                continue
-            self.send(p, job)
+            while len(p.jobs) < QUEUED:
+                job = self.sched.next_job(nid)
+                if job is None:
+                    if not p.jobs and self.sched.settled(nid):
+                        p.close_stdin()  # nothing left, its segments committed: let it exit
+                    break
+                self.send(p, job)
 
     def send(self, p: WorkerProc, job: Job) -> None:
         r = self.run
@@ -129,12 +131,17 @@ class Supervisor:
 
     def retry(self, p: WorkerProc, why: str) -> None:
         """The current job of ``p`` failed (death or error): discard what it made and redo it."""
-        job = p.job
+        job = p.jobs.popleft()
         if job.create is not None:
             shm.unlink(self.run.name(job.layer, job.node), self.run.shm_dir)
-        p.job = None
         self.fail(job.layer, job.node, why)
         self.sched.retry(job)
+
+    def requeue(self, p: WorkerProc) -> None:
+        """``p`` is gone: the jobs it was sent after its current one never started; back to the
+        schedule, no failure counted (last first: each goes back to the front of its queue)."""
+        while len(p.jobs) > 1:
+            self.sched.retry(p.jobs.pop())
 
     def check_deadlines(self) -> None:
         now = time.monotonic()
@@ -166,7 +173,7 @@ class Supervisor:
             want = self.run.name(job.layer, job.node) if job and job.create else None
             if job is None or msg.get("name") != want or msg.get("layer") != job.layer:
                 raise WorkerFailed(f"worker for node {nid} answered for {msg.get('name')}, expected {want}")
-            p.job = None
+            p.jobs.popleft()
             self.on_done(job, msg)
             return
         log.warning("worker n%d: unknown message %r", nid, op)
@@ -185,6 +192,7 @@ class Supervisor:
             return
         why = p.stalled or (f"worker exited with code {rc}" if rc >= 0 else f"worker killed by signal {-rc}")
         if p.job is not None:
+            self.requeue(p)
             self.retry(p, why)
         elif busy:  # between jobs of a layer (its fill waiting for the other segments)
             self.fail(p.layer, nid, why)
@@ -199,7 +207,7 @@ class Supervisor:
             name = self.run.name(p.job.layer, p.job.node)
             self.created.discard(name)
             self.foreign.add(name)
-            p.job = None
+            p.jobs.popleft()
             raise SegmentExists(f"segment {name} already exists (not created by this run); refusing to "
                                 "attach to, resize or remove it", self.foreign)
         if kind == "nospace":
