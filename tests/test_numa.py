@@ -194,6 +194,92 @@ def test_placement_counts_absent_pages(segment):
     assert numa.placement(addr, 0) == {}
 
 
+def test_placement_maps_the_pages_it_finds_absent_through_fault(segment):
+    npages = 64
+    shm, m = segment(npages * PAGE)
+    addr = numa.address_of(m)
+    calls: list[tuple[int, int]] = []
+
+    def fault(at: int, n: int) -> None:
+        calls.append((at - addr, n))
+        for off in range(at - addr, min(at - addr + n, npages * PAGE), PAGE):
+            m[off]
+
+    for i in range(npages):  # all but 3 pages mapped: those 3 are faulted one by one
+        if i not in (0, 17, 63):
+            m[i * PAGE] = 1
+    assert numa.placement(addr, npages * PAGE, fault=fault) == {"0": npages}
+    assert sorted(calls) == [(0, PAGE), (17 * PAGE, PAGE), (63 * PAGE, PAGE)]
+
+
+def test_placement_faults_a_mostly_absent_batch_at_once(segment):
+    npages = 64
+    shm, m = segment(npages * PAGE)
+    addr = numa.address_of(m)
+    m[5 * PAGE] = 1  # 63 of 64 absent: more than 1/16, one call for the whole batch
+    calls: list[tuple[int, int]] = []
+
+    def fault(at: int, n: int) -> None:
+        calls.append((at - addr, n))
+        m.madvise(22, at - addr, n)  # MADV_POPULATE_READ
+
+    assert numa.placement(addr, npages * PAGE, fault=fault) == {"0": npages}
+    assert calls == [(0, npages * PAGE)]
+
+
+def test_placement_counts_what_fault_did_not_map(segment):
+    """A fault that maps nothing does not make the pages count as placed."""
+    npages = 16
+    shm, m = segment(npages * PAGE)
+    addr = numa.address_of(m)
+    m[0] = 1
+    seen: list[int] = []
+    assert numa.placement(addr, npages * PAGE, fault=lambda at, n: seen.append(n)) == \
+        {"0": 1, "absent": npages - 1}
+    assert seen == [npages * PAGE]
+
+
+def _numa_maps_line(addr: int) -> str:
+    """This process's /proc/self/numa_maps line of the mapping at ``addr`` (the kernel's own count
+    of its mapped pages per node: an oracle that does not go through move_pages)."""
+    with open("/proc/self/numa_maps") as f:
+        for line in f:
+            if int(line.split()[0], 16) == addr:
+                return line
+    raise AssertionError(f"no numa_maps line at {addr:#x}")
+
+
+@pytest.mark.parametrize("writable", [True, False])
+def test_prove_maps_every_page_of_a_staged_segment(segment, writable):
+    """worker_io.prove (fault-around reads, then the pages they missed one by one): every page is
+    counted on its node, none absent, the written bytes unchanged. The segment has what staged
+    segments have: pages never written (padding between pieces, the tail), an unaligned end."""
+    from ktnuma.stage.worker_io import FAULT_AROUND, prove
+
+    size = 70 * FAULT_AROUND + 3 * PAGE + 100
+    shm, m = segment(size)
+    addr = numa.address_of(m)
+    numa.mbind(addr, size, 0)
+    os.posix_fallocate(shm.fd, 0, size)
+    data = os.urandom(size)
+    holes = {0, 17, 16 * 7, 16 * 7 + 1, size // PAGE - 1}  # pages left unwritten
+    for i in range(0, size, PAGE):
+        if i // PAGE not in holes:
+            os.pwrite(shm.fd, data[i:i + PAGE], i)
+    mm = mmap.mmap(shm.fd, size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+    try:
+        at = numa.address_of(mm)
+        npages = -(-size // PAGE)
+        assert prove(mm, at, size) == {"0": npages}
+        line = _numa_maps_line(at)
+        assert f" N0={npages} " in line, line  # every page mapped here, all on node 0
+        for i in range(0, size, PAGE):
+            want = bytes(min(PAGE, size - i)) if i // PAGE in holes else data[i:i + PAGE]
+            assert mm[i:i + PAGE] == want, f"page {i // PAGE}"
+    finally:
+        mm.close()
+
+
 def test_bound_fallocated_written_segment_is_all_on_node_0(segment):
     size = 8 << 20
     shm, m = segment(size)

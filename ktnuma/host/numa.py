@@ -17,7 +17,7 @@ import logging
 import mmap
 import os
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 from ktnuma.errors import NodeNotFound, NumaError
@@ -266,12 +266,14 @@ def pin_cpus(cpus) -> None:
                         err=exc.errno) from None
 
 
-def placement(addr: int, length: int) -> dict[str, int]:
+def placement(addr: int, length: int, fault: Callable[[int, int], None] | None = None) -> dict[str, int]:
     """Pages of ``[addr, addr+length)`` per real node, via ``move_pages(nodes=NULL)``.
 
     Keys are real node ids as strings; ``"absent"`` (only when > 0) counts pages not present
     (never touched, or otherwise not resolvable to a node). The page and status arrays are built
     and counted at C level (``array``), no per-page Python work: workers call this per segment.
+    ``fault(page address, nbytes)``: called for the pages found absent (one call per page, or one
+    for the whole batch when more than 1/16 of it is absent) to map them; those are asked again.
     """
     if length <= 0:
         return {}
@@ -283,15 +285,13 @@ def placement(addr: int, length: int) -> dict[str, int]:
         known = real_nodes()
     except (OSError, ValueError):
         known = ()
-    pp, ip = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int)
     for first in range(0, npages, _MOVE_PAGES_CHUNK):
         n = min(_MOVE_PAGES_CHUNK, npages - first)
         base = start + first * PAGE_SIZE
         pages = array("Q", range(base, base + n * PAGE_SIZE, PAGE_SIZE))
-        status = array("i", bytes(4 * n))
-        if lib.move_pages(0, n, ctypes.cast(pages.buffer_info()[0], pp), None,
-                          ctypes.cast(status.buffer_info()[0], ip), 0) != 0:
-            _raise_errno("move_pages", "query failed", addr=base, length=n * PAGE_SIZE)
+        status = _page_nodes(lib, pages)
+        if fault is not None:
+            status = _refault(lib, pages, status, fault)
         found = 0
         for k in known:
             c = status.count(k)
@@ -311,6 +311,42 @@ def placement(addr: int, length: int) -> dict[str, int]:
     if absent:
         out["absent"] = absent
     return out
+
+
+def _page_nodes(lib, pages: array) -> array:
+    """move_pages(nodes=NULL) over ``pages``: each page's node, or a negative errno."""
+    n = len(pages)
+    status = array("i", bytes(4 * n))
+    if lib.move_pages(0, n, ctypes.cast(pages.buffer_info()[0], ctypes.POINTER(ctypes.c_void_p)), None,
+                      ctypes.cast(status.buffer_info()[0], ctypes.POINTER(ctypes.c_int)), 0) != 0:
+        _raise_errno("move_pages", "query failed", addr=pages[0], length=n * PAGE_SIZE)
+    return status
+
+
+def _refault(lib, pages: array, status: array, fault: Callable[[int, int], None]) -> array:
+    """``status`` with its absent pages mapped by ``fault`` and asked again."""
+    negative = [v for v in set(status) if v < 0]
+    if not negative:
+        return status
+    n = len(pages)
+    if sum(status.count(v) for v in negative) > n // 16:  # many: map the whole batch at once
+        fault(pages[0], n * PAGE_SIZE)
+        return _page_nodes(lib, pages)
+    where = []
+    for v in negative:  # C-level searches, one per absent page
+        i = status.index(v)
+        while True:
+            where.append(i)
+            try:
+                i = status.index(v, i + 1)
+            except ValueError:
+                break
+    for i in where:
+        fault(pages[i], PAGE_SIZE)
+    again = _page_nodes(lib, array("Q", (pages[i] for i in where)))
+    for i, v in zip(where, again):
+        status[i] = v
+    return status
 
 
 def mempolicy_name(mode: int) -> str:

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ktnuma.host import numa, shm
 from ktnuma.stage import protocol
 from ktnuma.errors import ParentGone, SourceTruncated
-from ktnuma.stage.worker_io import Sources, direct_ok, populate  # noqa: F401 - direct_ok: launch checks files
+from ktnuma.stage.worker_io import Sources, direct_ok, prove  # noqa: F401 - direct_ok: launch checks files
 from ktnuma.stage.worker_ops import JobOps
 
 log = logging.getLogger("ktnuma.worker")
@@ -153,8 +153,7 @@ class Worker:
                 self._delay()
             placement = None
             if mm is not None and ops is not None:  # create-only: see protocol ("measure")
-                populate(mm, numa.PAGE_SIZE)
-                placement = numa.placement(addr, size)
+                placement = prove(mm, addr, size)
             self.check()  # a parent gone by now gets no finished segment left behind
             ok = True
             return {"op": "done", **base, "size": size, "placement": placement,
@@ -187,8 +186,7 @@ class Worker:
         try:
             fd = shm.open_segment(name, self.shm_dir)
             mm = shm.map_fd(fd, size, write=False)
-            populate(mm, numa.PAGE_SIZE)
-            placement = numa.placement(numa.address_of(mm), size)
+            placement = prove(mm, numa.address_of(mm), size)
         except (OSError, ValueError, numa.NumaError) as exc:  # gone (released) or unreadable: unknown
             log.debug("measure %s: %s", name, exc)
         finally:
