@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Start-up A/B: `python -m ktnuma.launch --detach` of two source trees, alternated, on one small model.
 
-    python3 scripts/startup_ab.py --before /work/wt/before [--after .] [-n 5] [--model DIR]
+    python3 scripts/startup_ab.py --before /work/wt/before [--after .] [-n 5] [--model DIR] [--warm-memory]
 
 Each round runs every (mode, split) case once per tree, A B then B A on the next round (order effects
 cancel), each a fresh `python -m ktnuma.launch MODEL --nodes N --split S --detach --quiet --json` with
@@ -27,7 +27,7 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)  # this checkout's bench helpers (the timed runs import each tree's own ktnuma)
 
-from ktnuma.tools.bench.measure import set_cache  # noqa: E402
+from ktnuma.tools.bench.measure import set_cache, warm_free_memory  # noqa: E402
 
 
 def tree_env(tree: str, work: str, pyc: str) -> dict[str, str]:
@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="none: every start compiles from source (PYTHONDONTWRITEBYTECODE=1, default); "
                         "cached: bytecode cached per tree (warmed up first), as after an install")
     p.add_argument("--json", action="store_true", help="also print the medians as one JSON line")
+    p.add_argument("--warm-memory", action="store_true",
+                   help="before each timed run write and free as many /dev/shm bytes as the model's files "
+                        "hold (the bench's warm-up: a VM with free page reporting otherwise times host faults)")
     a = p.parse_args(argv)
     model = a.model or default_model()
     files = model_files(model)
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             for mode, split in cases:
                 for name in order:
                     set_cache(files, mode == "warm")
+                    if a.warm_memory:
+                        warm_free_memory(sum(os.path.getsize(f) for f in files))
                     res.setdefault((name, mode, split), []).append(
                         run_one(envs[name], model, split, a.nodes, work))
     load1 = os.getloadavg()
