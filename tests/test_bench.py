@@ -15,6 +15,19 @@ def test_raw_bound_imports_only_the_standard_library():
     assert imports <= {"json", "mmap", "os", "subprocess", "sys", "time"}, imports
 
 
+def test_proof_bench_runs_both_proofs_and_checks_their_counts():
+    """scripts/proof_bench.py on a small segment: both ways count every page on node 0 (it exits
+    non-zero otherwise), it prints the ratio, and it leaves nothing in /dev/shm."""
+    before = set(os.listdir("/dev/shm"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "proof_bench.py"), "--mib", "8",
+                        "--rounds", "2"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
+    lines = r.stdout.splitlines()
+    assert [ln.split()[0] for ln in lines[:2]] == ["populate", "prove"]
+    assert lines[-1].startswith("prove / populate: ") and float(lines[-1].split()[-1]) > 0
+    assert set(os.listdir("/dev/shm")) <= before
+
+
 @pytest.mark.bench
 def test_quick_bench_json(tmp_path):
     pytest.importorskip("kt_kernel")
