@@ -182,6 +182,25 @@ def test_copies_at_load_matches_the_engine(cpu, fmt, mode):
     assert moe.in_place == (not unchanged)
 
 
+def test_engines_this_cpu_runs_wrongly_are_refused(tmp_path):
+    """GGUF BF16 through llamafile needs avx512_bf16 (K.LLAMAFILE_TYPE_NEEDS): refused without it, with
+    the way out; other types and other engines are not the CPU's business. cpu_flags reads a cpuinfo."""
+    def spec(fmt, types=None):
+        return K.backend_for(fmt, hidden=256, intermediate=512, num_experts=4, experts_per_tok=2, gguf_types=types)
+
+    with pytest.raises(BadInput, match=r"GGML type BF16 needs a CPU with avx512_bf16, which this one lacks.*Q8_0"):
+        K.check_engine_cpu(spec("gguf:BF16"), frozenset({"avx2"}))
+    with pytest.raises(BadInput, match="GGML type BF16"):  # the down projection alone in BF16
+        K.check_engine_cpu(spec("gguf:Q8_0", ("Q8_0", "Q8_0", "BF16")), frozenset({"avx2"}))
+    K.check_engine_cpu(spec("gguf:BF16"), frozenset({"avx2", "avx512_bf16"}))
+    K.check_engine_cpu(spec("gguf:Q8_0"), frozenset())
+    K.check_engine_cpu(K.backend_for("bf16", hidden=64, intermediate=64, num_experts=4, experts_per_tok=2), frozenset())
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert K.cpu_flags(str(info)) == {"fpu", "avx2", "avx512_bf16"}
+    assert K.cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
 def test_limits_refuse_the_silent_failures():
     def spec(fmt, H, I, gs=None):
         return K.backend_for(fmt, hidden=H, intermediate=I, num_experts=4, experts_per_tok=2, group_size=gs)

@@ -34,8 +34,8 @@ from typing import Any
 # which inherit the activation variables, import none of this at start-up
 _WHERE = {
     **dict.fromkeys(("BACKENDS", "DEFAULT_MAX_LEN", "LLAMAFILE_QK", "MODES", "MXFP4_GROUP", "Backend", "EngineSpec",
-                     "backend_for", "check_engine_limits", "copies_at_load", "EngineKind",
-                     "engine_kind"), "backends"),
+                     "backend_for", "check_engine_cpu", "check_engine_limits", "copies_at_load", "EngineKind",
+                     "engine_kind", "cpu_flags", "LLAMAFILE_TYPE_NEEDS"), "backends"),
     **dict.fromkeys(("LoadedMoE", "available", "build_moe", "forward", "make_cpuinfer", "merge_node_rows"), "engine"),
     **dict.fromkeys(("GROUP_DIM", "LayerEngines", "engines_for_layer", "random_tokens", "spec_for_layer"),
                     "layers"),

@@ -260,6 +260,37 @@ def check_engine_limits(spec: EngineSpec, n_parts: int = 1) -> None:
         raise BadInput(f"{what}: " + "; ".join(problems))
 
 
+# GGML types kt-kernel 0.7.2's llamafile engine computes wrongly on a CPU without a flag, silently:
+# BF16 on an AVX2-only CPU (AMD EPYC family 25) returned zeros or garbage that differed run to run;
+# on an AVX-512 BF16 CPU the same engines matched the writer's tensors (tests/test_corpus.py)
+LLAMAFILE_TYPE_NEEDS = {"BF16": "avx512_bf16"}
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (the first ``flags`` line of /proc/cpuinfo; empty if unreadable)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def check_engine_cpu(spec: EngineSpec, flags: frozenset[str] | None = None) -> None:
+    """Refuse an engine this CPU would run wrongly (LLAMAFILE_TYPE_NEEDS): BadInput with the way out."""
+    if spec.backend != "gguf" or not spec.gguf_types:
+        return
+    have = cpu_flags() if flags is None else flags
+    for t in dict.fromkeys(spec.gguf_types):
+        need = LLAMAFILE_TYPE_NEEDS.get(t)
+        if need and need not in have:
+            raise BadInput(f"kt-kernel {spec.engine_class} ({spec.format}): GGML type {t} needs a CPU with "
+                           f"{need}, which this one lacks (kt-kernel 0.7.2's llamafile engine returns zeros or "
+                           "garbage without it); requantize the GGUF (e.g. Q8_0) or use a CPU with AVX-512 BF16")
+
+
 def copies_at_load(backend: str, mode: str, tp: int = 1) -> bool:
     """True when the engine copies the weights at `load_weights_task` (the source may go away once
     it has synced); False when it keeps reading them in place (the source must outlive it, so

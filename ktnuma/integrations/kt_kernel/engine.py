@@ -9,7 +9,8 @@ from typing import Any
 from ktnuma.errors import BadInput
 from ktnuma.index.dtypes import GGML_TYPES
 from ktnuma.index.model import KINDS, PROJS
-from ktnuma.integrations.kt_kernel.backends import BACKENDS, MODES, EngineSpec, check_engine_limits, copies_at_load
+from ktnuma.integrations.kt_kernel.backends import (BACKENDS, MODES, EngineSpec, check_engine_cpu, check_engine_limits,
+                                                  copies_at_load)
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def build_moe(
     if mode == "pointers" and not b.pointer_mode:
         raise BadInput(f"kt-kernel {spec.engine_class} ({spec.format}) takes stacked arrays only (mode='flat')")
     check_engine_limits(spec, engine_tp)
+    check_engine_cpu(spec)
     attrs, keep = _setters(spec, arrays, mode)
 
     import numpy as np
