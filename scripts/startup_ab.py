@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     model = a.model or default_model()
     files = model_files(model)
+    model_bytes = sum(os.path.getsize(f) for f in files)
     trees = {"before": a.before, "after": a.after}
     cases = [(m, s) for m in a.modes.split(",") if m for s in a.splits.split(",") if s]
     res: dict[tuple[str, str, str], list[tuple[float, float, float]]] = {}
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name in order:
                     set_cache(files, mode == "warm")
                     if a.warm_memory:
-                        warm_free_memory(sum(os.path.getsize(f) for f in files))
+                        warm_free_memory(model_bytes)
                     res.setdefault((name, mode, split), []).append(
                         run_one(envs[name], model, split, a.nodes, work))
     load1 = os.getloadavg()

@@ -309,7 +309,7 @@ def test_amx_loader_output_equals_upstream_safetensor_loader(detached, synth_mod
 def cpu_has_avx512() -> bool:
     """AVX512F and AVX512BW, what kt-kernel 0.7.2's AMX* methods and AMX KGroup RAWINT4 engines need
     (without them it says "AMXINT4 backend not available. Required ISA: AVX512F + AVX512BW")."""
-    from ktnuma.integrations.kt_kernel.backends import cpu_flags
+    from ktnuma.integrations.kt_kernel.methods import cpu_flags
 
     return {"avx512f", "avx512bw"} <= cpu_flags()
 

@@ -22,9 +22,10 @@ worker -> coordinator (its stdout):
 
 Jobs run one at a time, in the order they arrive, each answered by one "done" or "error"; the
 coordinator sends a worker its next job while the current one runs (supervisor.QUEUED), so a job
-line may wait in the pipe. "commit" and "measure" are handled as they arrive, even while a job runs. A job that only creates a
-segment (other nodes fill it) reports no placement: mapping its pages before the fills landed would
-zero-fill every one of them; the coordinator asks for it with "measure" once the layer is complete.
+line may wait in the pipe. "commit" and "measure" are handled as they arrive, even while a job
+runs. A job that only creates a segment (other nodes fill it) reports no placement: mapping its
+pages before the fills landed would zero-fill every one of them; the coordinator asks for it with
+"measure" once the layer is complete.
 
 A worker removes the segments it created and that were not committed when its stdin closes (the
 coordinator died) or a job that created one fails.

@@ -35,11 +35,12 @@ from typing import Any
 _WHERE = {
     **dict.fromkeys(("BACKENDS", "DEFAULT_MAX_LEN", "LLAMAFILE_QK", "MODES", "MXFP4_GROUP", "Backend", "EngineSpec",
                      "backend_for", "check_engine_cpu", "check_engine_limits", "copies_at_load", "EngineKind",
-                     "engine_kind", "cpu_flags", "LLAMAFILE_TYPE_NEEDS"), "backends"),
+                     "engine_kind", "LLAMAFILE_TYPE_NEEDS"), "backends"),
     **dict.fromkeys(("LoadedMoE", "available", "build_moe", "forward", "make_cpuinfer", "merge_node_rows"), "engine"),
     **dict.fromkeys(("GROUP_DIM", "LayerEngines", "engines_for_layer", "random_tokens", "spec_for_layer"),
                     "layers"),
     **dict.fromkeys(("KINDS", "PROJS"), "ktnuma.index.model"),
+    "cpu_flags": "methods",
 }
 __all__ = sorted(_WHERE)
 

@@ -12,6 +12,7 @@ from ktnuma.index.dtypes import DTYPES, FP8_BLOCK, GGML_TYPES, ggml_nbytes
 from ktnuma.index.quant import MXFP4_GROUP, MXFP8_GROUP, NVFP4_GROUP
 from ktnuma.index.quant import family as _family
 from ktnuma.index.model import KINDS, PROJS
+from ktnuma.integrations.kt_kernel.methods import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -264,18 +265,6 @@ def check_engine_limits(spec: EngineSpec, n_parts: int = 1) -> None:
 # BF16 on an AVX2-only CPU (AMD EPYC family 25) returned zeros or garbage that differed run to run;
 # on an AVX-512 BF16 CPU the same engines matched the writer's tensors (tests/test_corpus.py)
 LLAMAFILE_TYPE_NEEDS = {"BF16": "avx512_bf16"}
-
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags (the first ``flags`` line of /proc/cpuinfo; empty if unreadable)."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def check_engine_cpu(spec: EngineSpec, flags: frozenset[str] | None = None) -> None:

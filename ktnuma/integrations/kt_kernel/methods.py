@@ -151,15 +151,20 @@ def check_format(m: Method, fmt: str, where: str) -> None:
     raise BadInput(f"{where}holds format {fmt}, but kt-kernel method {m.name} reads {m.family}; {out}")
 
 
-def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (the first ``flags`` line of /proc/cpuinfo; empty if unreadable)."""
     try:
         with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("flags"):
-                    return "amx_tile" in line.split(":", 1)[1].split()
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return False
+        pass
+    return frozenset()
+
+
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    return "amx_tile" in cpu_flags(cpuinfo)
 
 
 def check_cpu(m: Method, env: Mapping[str, str], has_amx: bool) -> None:
