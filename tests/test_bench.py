@@ -28,6 +28,21 @@ def test_proof_bench_runs_both_proofs_and_checks_their_counts():
     assert set(os.listdir("/dev/shm")) <= before
 
 
+def test_gather_bench_checks_every_way_against_the_source():
+    """scripts/gather_bench.py on a small source: every way's segments equal the source's column cuts
+    (it exits non-zero otherwise), one line per way with its ratio to sendfile, nothing left in
+    /dev/shm."""
+    before = set(os.listdir("/dev/shm"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gather_bench.py"), "--nodes", "4",
+                        "--rows", "64", "--row-bytes", "512", "--mib", "2", "--rounds", "2"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
+    lines = r.stdout.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["worker", "scatter", "mmap", "sendfile"]
+    assert "x1.00 sendfile" in lines[-1] and all(float(ln.split()[1]) > 0 for ln in lines)
+    assert set(os.listdir("/dev/shm")) <= before
+
+
 @pytest.mark.bench
 def test_quick_bench_json(tmp_path):
     pytest.importorskip("kt_kernel")
