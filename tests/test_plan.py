@@ -30,7 +30,7 @@ from ktnuma.plan.planner import (
     plan,
     validate,
 )
-from ktnuma.plan.ops import layer_ops
+from ktnuma.plan.ops import CHUNK, GATHER_CHUNK, layer_ops
 from planexec import FILL, execute, reference_piece
 
 # ------------------------------------------------------------------------------------------
@@ -331,6 +331,26 @@ def test_every_format_and_split_is_byte_exact(tmp_path, fmt, H, I, gs, nodes, sp
         return
     p = check_plan_bytes(index, nodes, split)
     assert p.split == split and p.layers == (3, 4) and p.nodes == tuple(nodes)
+
+
+@pytest.mark.parametrize("nodes", [(0, 1), (0, 1, 2, 3)])
+def test_big_strided_pieces_read_in_gather_chunks(tmp_path, nodes):
+    """A down projection larger than GATHER_CHUNK (2048 rows of 2 KiB: 4 MiB) under tp: buffered, its
+    column cuts are read in ops of at most GATHER_CHUNK bytes cut between rows (several per piece),
+    direct in ops of up to CHUNK; contiguous reads stay whole; byte-exact either way (executor)."""
+    H, I = 2048, 1024
+    index = build_index(str(tmp_path), "bf16", H=H, I=I, E=2, layers=(1,), nfiles=1, seed=3)
+    p = check_plan_bytes(index, nodes, "tp")
+    row = I * 2
+    for io, limit in (("buffered", GATHER_CHUNK), ("direct", CHUNK)):
+        ops = [op for node_ops in layer_ops(p, 1, io=io).values() for op in node_ops]
+        strided = [op for op in ops if any(w.rows > 1 and w.run < w.stride for w in op.writes)]
+        assert strided and all(op.length <= limit for op in strided), (io, [op.length for op in strided])
+        assert all(op.length == max(w.src + w.span for w in op.writes) for op in strided)  # whole rows
+        if io == "buffered":  # each 4 MiB piece in at least 2 ops of whole rows
+            assert len(strided) >= 2 * 2 and all(w.rows * row <= GATHER_CHUNK for op in strided for w in op.writes)
+            copies = [op for op in ops if op.is_copy]  # gate/up row blocks: one sendfile each
+            assert copies and max(op.length for op in copies) == H * I * 2 // len(nodes)
 
 
 def test_sparse_node_ids_and_topology_objects(tmp_path):

@@ -7,8 +7,8 @@ bytes all go to one node is read by that node (contiguous: a `sendfile` copy); a
 several nodes is read once by one node, which writes each node's part into that node's segment
 (any worker may write into a segment another created and bound: the pages are placed already).
 Cross-node regions are dealt out in file order so every node reads about the same number of bytes.
-Big regions are cut into ~CHUNK pieces (at row boundaries for strided ones) so a worker's threads
-overlap them; adjacent small reads of one node are coalesced.
+Big regions are cut into ~CHUNK pieces (strided ones at row boundaries, ~GATHER_CHUNK when
+buffered) so a worker's threads overlap them; adjacent small reads of one node are coalesced.
 
 A ReadOp reads `length` bytes at `offset` of file `file`; each of its Writes takes `rows` runs of
 `run` bytes, `stride` apart, starting `src` bytes into the read, converts them (`conversion`) and
@@ -26,6 +26,10 @@ from ktnuma.plan.layout import ratio
 from ktnuma.plan.records import ArrayPlan, Plan
 
 CHUNK = 8 << 20  # bytes per read op, roughly (a worker thread's unit of work)
+# bytes per buffered read op of strided rows (read, packed, pwritten): its buffers stay in the CPU's
+# caches. scripts/gather_bench.py, 2 KiB rows, 8 nodes: 8 MiB ops took 1.80x the CPU of sendfile for
+# the same bytes, 2 MiB ops 1.49x. O_DIRECT keeps CHUNK (no readahead: few large reads).
+GATHER_CHUNK = 2 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +115,9 @@ def _regions(pieces: list[tuple], gather: int = 0) -> list[list[tuple]]:
     return out
 
 
-def _chunks(region: list[tuple], chunk: int) -> list[ReadOp]:
-    """One region as read ops of about `chunk` bytes each (whole if it cannot be cut evenly)."""
+def _chunks(region: list[tuple], chunk: int, gather: int) -> list[ReadOp]:
+    """One region as read ops of about `chunk` bytes each, `gather` for strided rows (whole if it
+    cannot be cut evenly)."""
     file, start = region[0][0], region[0][1]
     rows, run, stride = region[0][5], region[0][6], region[0][7]
     single = len(region) == 1
@@ -125,7 +130,7 @@ def _chunks(region: list[tuple], chunk: int) -> list[ReadOp]:
                                                            for p in region])))
         return out
     if rows > 1 and (single or all(p[5] == rows and p[7] == stride and p[1] - start < stride for p in region)):
-        per = rows if whole else max(1, chunk // stride)  # whole rows of a strided piece, cut between rows
+        per = rows if whole else max(1, gather // stride)  # whole rows of a strided piece, cut between rows
         last = max(p[1] - start + p[6] for p in region)
         out = []
         for r0 in range(0, rows, per):
@@ -139,15 +144,15 @@ def _chunks(region: list[tuple], chunk: int) -> list[ReadOp]:
                                                    for p in region))]
 
 
-def _merge(ops: list[ReadOp], chunk: int) -> list[ReadOp]:
-    """Coalesce file-adjacent reads of one node: copies that also continue in the segment, or
-    scatters, while the result stays within `chunk` bytes."""
+def _merge(ops: list[ReadOp], chunk: int, gather: int) -> list[ReadOp]:
+    """Coalesce file-adjacent reads of one node: copies that also continue in the segment, while
+    the result stays within `chunk` bytes, or scatters, within `gather` bytes."""
     ops.sort(key=lambda o: (o.file, o.offset))
     out: list[ReadOp] = []
     for op in ops:
         prev = out[-1] if out else None
         if prev is None or prev.file != op.file or prev.offset + prev.length != op.offset \
-                or prev.length + op.length > chunk or prev.is_copy != op.is_copy:
+                or prev.length + op.length > (chunk if op.is_copy else gather) or prev.is_copy != op.is_copy:
             out.append(op)
             continue
         n = prev.length + op.length
@@ -168,12 +173,13 @@ def layer_ops(plan: Plan, layer: int, chunk: int = CHUNK, io: str = "buffered") 
     """Per reading node (node id -> its ops, in file order) for one layer of `plan`. With io "direct"
     adjacent pieces are read together up to `chunk` bytes, whichever nodes they go to (O_DIRECT has
     no readahead: few large reads), instead of each node reading its own contiguous pieces."""
+    gather = chunk if io == "direct" else min(chunk, GATHER_CHUNK)
     readers = [s.node for s in plan.layer_segments(layer)]
     load = dict.fromkeys(readers, 0)
     mine: dict[int, list[ReadOp]] = {n: [] for n in readers}
     shared: list[list[ReadOp]] = []
     for region in _regions(_pieces(plan, layer), chunk if io == "direct" else 0):
-        ops = _chunks(region, chunk)
+        ops = _chunks(region, chunk, gather)
         nodes = {p[3] for p in region}
         if len(nodes) == 1:
             node = nodes.pop()
@@ -189,7 +195,7 @@ def layer_ops(plan: Plan, layer: int, chunk: int = CHUNK, io: str = "buffered") 
                 i += 1
             mine[readers[i]].extend(ops)
             load[readers[i]] += sum(o.length for o in ops)
-    return {n: tuple(_merge(ops, chunk)) for n, ops in mine.items() if ops}
+    return {n: tuple(_merge(ops, chunk, gather)) for n, ops in mine.items() if ops}
 
 
 def is_cross(ops: dict[int, tuple[ReadOp, ...]]) -> bool:
