@@ -86,7 +86,7 @@ class Case:
         for b in bufs:
             b.close()
 
-    def mmap(self, fds: list[int], names: list[str]) -> None:
+    def mapping(self, fds: list[int], names: list[str]) -> None:
         buf = mmap.mmap(-1, self.length)
         mms = [mmap.mmap(fd, self.seg) for fd in fds]
         for m in mms:
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         while os.read(c.fd, 1 << 24):  # into the page cache
             pass
         ways: dict[str, Callable[[list[int], list[str]], None]] = {
-            "worker": c.worker, "scatter": c.scatter, "mmap": c.mmap, "sendfile": c.sendfile}
+            "worker": c.worker, "scatter": c.scatter, "mmap": c.mapping, "sendfile": c.sendfile}
         res: dict[str, list[float]] = {k: [] for k in ways}
         for r in range(a.rounds):
             order = list(ways) if r % 2 == 0 else list(ways)[::-1]
